@@ -1,0 +1,1 @@
+"""Engines, runners, generation, benchmarks and the `g2trt` command line."""

@@ -1,0 +1,1 @@
+"""Gemma 2 in PyTorch, HF checkpoint loading and ONNX export."""

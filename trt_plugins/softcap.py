@@ -1,0 +1,27 @@
+"""SoftCap: `y = cap * tanh(x / cap)` elementwise (Gemma 2's final logits, cap = 30).
+
+Shape and dtype rule: y has x's shape and dtype; the math runs in fp32.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from export.model import softcap
+from trt_plugins.spec import Attr, PluginSpec
+
+SPEC = PluginSpec(
+    name="SoftCap",
+    inputs=("x",),
+    outputs=("y",),
+    attrs=(Attr("cap", "float", "the bound c of c * tanh(x / c)"),),
+    doc=__doc__ or "",
+)
+
+
+def output_shapes(x: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [x]
+
+
+def reference(x: Tensor, *, cap: float) -> Tensor:
+    return softcap(x.float(), cap).to(x.dtype)
