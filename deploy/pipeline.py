@@ -17,8 +17,8 @@ from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.verify import TOLERANCE, Report, compare, parity_cases
 from export.atomic import atomic_file
-from export.onnx_export import ExportOptions, ExportResult, export_onnx
 from export.checkpoint import weight_bytes
+from export.onnx_export import ExportOptions, ExportResult, export_onnx
 from export.weights import WeightSource, load_model, open_weights
 
 
@@ -80,4 +80,3 @@ def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: Pipeli
     with atomic_file(out / "pipeline.json") as tmp:
         tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
-

@@ -15,7 +15,6 @@ import numpy as np
 from deploy.runners.base import KVCache, Runner
 from export.config import Gemma2Config
 
-
 # max |logit diff| against the fp32 PyTorch model, by export dtype. fp32 is the bound; the
 # fp16/bf16 bounds are ~10x what tests/test_onnx_export.py measures on the tiny random models.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2.5e-1}

@@ -115,7 +115,8 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
         if names is not None:
             for name in sorted(names - entries.keys()):
                 raise CheckpointError(f"{file}: tensor {name!r} listed in {INDEX} is not in this shard")
-    _check_against_config(cfg, entries, directory)
+    listing = directory / (SINGLE if None in files.values() else INDEX)
+    _check_against_config(cfg, entries, listing)
     return Checkpoint(directory, cfg, entries)
 
 
@@ -145,7 +146,7 @@ def _read_header(file: Path) -> dict[str, TensorEntry]:
     try:
         with safe_open(str(file), framework="pt") as f:
             out = {}
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
                 dtype = _DTYPES.get(sl.get_dtype())
                 if dtype is None:
@@ -156,11 +157,12 @@ def _read_header(file: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e}); truncated download?") from None
 
 
-def _check_against_config(cfg: Gemma2Config, entries: dict[str, TensorEntry], directory: Path) -> None:
+def _check_against_config(cfg: Gemma2Config, entries: dict[str, TensorEntry], listing: Path) -> None:
+    """`listing`: the file that should have named a missing tensor (the single file, or the index)."""
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in entries:
-            raise CheckpointError(f"{directory}: missing tensor {name!r} (shape {shape})")
+            raise CheckpointError(f"{listing}: missing tensor {name!r} (shape {shape})")
         got = entries[name]
         if got.shape != shape:
             raise CheckpointError(f"{got.file}: tensor {name!r} has shape {got.shape}, config implies {shape}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 import onnxscript.optimizer
 import torch
 from torch import nn
@@ -132,6 +133,7 @@ def trace_graph(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
     with _quiet_torch_onnx():  # it logs a line per placeholder weight it (rightly) leaves alone
         onnxscript.optimizer.optimize_ir(graph_model)
     _fold_weight_transforms(graph)
+    ir.passes.common.RemoveUnusedNodesPass()(graph_model)  # constants only the folded nodes used
     graph_model.producer_name = "g2trt"
     return graph_model
 

@@ -1,0 +1,44 @@
+"""onnx's own ReferenceEvaluator as a runner: slow, but it executes bf16 graphs, which onnxruntime's CPU
+provider cannot, so a bf16 export is still verified numerically here (tiny models only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+
+from deploy.runners.base import KVCache, zeros_past
+from export import io_contract as io
+from export.config import Gemma2Config
+
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
+}
+
+
+class OnnxReferenceRunner:
+    def __init__(self, model_path: str | Path, config: Gemma2Config, name: str = "onnx-reference") -> None:
+        self.name = name
+        self.config = config
+        model = onnx.load(str(model_path))
+        past = {i.name: i for i in model.graph.input}[io.past_name(0, "key")]
+        self.kv_dtype = _NP[past.type.tensor_type.elem_type]
+        self.evaluator = ReferenceEvaluator(model)
+
+    def empty_past(self, batch: int) -> KVCache:
+        return zeros_past(self.config, batch, self.kv_dtype)
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
+    ) -> tuple[np.ndarray, KVCache]:
+        feeds = {io.INPUT_IDS: input_ids, io.ATTENTION_MASK: attention_mask, io.POSITION_IDS: position_ids}
+        for i, (k, v) in enumerate(past):
+            feeds[io.past_name(i, "key")] = k
+            feeds[io.past_name(i, "value")] = v
+        out = self.evaluator.run(None, feeds)
+        return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
