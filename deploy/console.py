@@ -41,7 +41,8 @@ def status(message: str) -> Iterator[None]:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    """A table; all-empty column names give a key/value table without a header row."""
+    t = Table(title=title, title_justify="left", show_header=any(columns))
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:

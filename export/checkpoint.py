@@ -87,6 +87,9 @@ class Checkpoint:
     def names(self) -> Iterator[str]:
         return iter(expected_shapes(self.config))
 
+    def describe(self) -> dict[str, str]:
+        return {"kind": "checkpoint", "path": str(self.directory.resolve())}
+
     def get(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         try:

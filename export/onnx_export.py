@@ -134,6 +134,11 @@ def trace_graph(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
         onnxscript.optimizer.optimize_ir(graph_model)
     _fold_weight_transforms(graph)
     ir.passes.common.RemoveUnusedNodesPass()(graph_model)  # constants only the folded nodes used
+    for node in graph_model.graph.all_nodes():
+        # Keep the module scopes (graph passes map nodes to layers by them); drop stack traces and FX dumps,
+        # which hold local paths and make up most of model.onnx's size.
+        for key in ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"):
+            node.metadata_props.pop(key, None)
     graph_model.producer_name = "g2trt"
     return graph_model
 
@@ -157,7 +162,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         ir.save(graph_model, tmp / MODEL_FILE, external_data=DATA_FILE, callback=callback)
-        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, stage="export")
+        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, stage="export", source=source.describe())
         write_manifest(tmp, manifest)
     return ExportResult(out_dir / MODEL_FILE, out_dir / "manifest.json", manifest, time.perf_counter() - start)
 

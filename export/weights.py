@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from export.checkpoint import Checkpoint, expected_shapes, open_checkpoint
 from export.config import Gemma2Config, preset
+from export.errors import G2trtError
 from export.model import Gemma2ForCausalLM
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +29,10 @@ class WeightSource(Protocol):
     def names(self) -> Iterator[str]: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance for manifests; `weights_from_description` rebuilds the source."""
+        ...
 
 
 class RandomWeights:
@@ -47,6 +52,9 @@ class RandomWeights:
     def names(self) -> Iterator[str]:
         return iter(self._shapes)
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "random", "seed": self.seed, "scale": self.scale}
+
     def get(self, name: str) -> torch.Tensor:
         shape = self._shapes[name]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -64,6 +72,15 @@ def open_weights(checkpoint: str | Path | None, preset_name: str = "tiny", seed:
     if checkpoint is not None:
         return open_checkpoint(checkpoint)
     return RandomWeights(preset(preset_name), seed=seed)
+
+
+def weights_from_description(description: dict[str, Any], config: Gemma2Config) -> WeightSource:
+    """The source a manifest's `source` entry describes (random weights are re-drawn from their seed)."""
+    if description.get("kind") == "random":
+        return RandomWeights(config, seed=int(description["seed"]), scale=float(description.get("scale", 1.0)))
+    if description.get("kind") == "checkpoint":
+        return open_checkpoint(description["path"])
+    raise G2trtError(f"manifest source {description!r} is neither random weights nor a checkpoint")
 
 
 def load_model(
@@ -94,4 +111,13 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-__all__ = ["DTYPES", "Checkpoint", "RandomWeights", "WeightSource", "load_model", "open_weights", "to_numpy"]
+__all__ = [
+    "DTYPES",
+    "Checkpoint",
+    "RandomWeights",
+    "WeightSource",
+    "load_model",
+    "open_weights",
+    "to_numpy",
+    "weights_from_description",
+]

@@ -212,6 +212,7 @@ def test_manifest_describes_and_hashes_the_export(tiny_export, tiny_cfg) -> None
     for name, digest in manifest["sha256"].items():
         assert sha256(result.model_path.parent / name) == digest
     assert {"torch", "onnx", "onnxruntime", "python"} <= set(manifest["tools"])
+    assert manifest["source"] == {"kind": "random", "seed": 0, "scale": 1.0}
 
 
 def test_checkpoint_and_random_source_export_the_same_bytes(tiny_export, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -219,6 +220,7 @@ def test_checkpoint_and_random_source_export_the_same_bytes(tiny_export, tiny_ch
 
     result = export_onnx(open_checkpoint(tiny_checkpoint), tmp_path)
     assert result.manifest["sha256"]["model.onnx.data"] == tiny_export("fp32").manifest["sha256"]["model.onnx.data"]
+    assert result.manifest["source"] == {"kind": "checkpoint", "path": str(tiny_checkpoint.resolve())}
 
 
 class _Failing(RandomWeights):
