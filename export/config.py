@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from export.errors import G2trtError
 
-SLIDING = "sliding_attention"
-GLOBAL = "full_attention"
 LayerType = Literal["sliding_attention", "full_attention"]
+SLIDING: LayerType = "sliding_attention"
+GLOBAL: LayerType = "full_attention"
 
 
 class ConfigError(G2trtError, ValueError):
@@ -117,7 +117,8 @@ class Gemma2Config:
 
 def alternating_layer_types(num_layers: int) -> tuple[LayerType, ...]:
     """HF's default: layer 0 is sliding, then global, alternating."""
-    return tuple(SLIDING if i % 2 == 0 else GLOBAL for i in range(num_layers))
+    types: list[LayerType] = [SLIDING if i % 2 == 0 else GLOBAL for i in range(num_layers)]
+    return tuple(types)
 
 
 def _preset(layers: int, **kw: Any) -> Gemma2Config:

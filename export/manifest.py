@@ -72,7 +72,11 @@ def build_manifest(cfg: Gemma2Config, model_path: Path, options: Any, stage: str
     files = {model_path.name: sha256(model_path)}
     for data in sorted(model_path.parent.glob(model_path.name + ".data*")):
         files[data.name] = sha256(data)
-    opts = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+    opts = (
+        dataclasses.asdict(options)
+        if dataclasses.is_dataclass(options) and not isinstance(options, type)
+        else dict(options)
+    )
     return {
         "format": "g2trt-manifest/1",
         "stage": stage,

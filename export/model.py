@@ -34,7 +34,7 @@ def softcap(x: Tensor, cap: float) -> Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def sliding_mask(seq_len: int | Tensor, total_len: int | Tensor, window: int) -> Tensor:
+def sliding_mask(seq_len: int, total_len: int, window: int) -> Tensor:
     """Allowed (query, key) pairs as a bool [S, T] matrix; queries are the last S of T positions.
 
     Causal always; with `window > 0` a query at position q also needs `k > q - window`, i.e. it sees
@@ -48,7 +48,7 @@ def sliding_mask(seq_len: int | Tensor, total_len: int | Tensor, window: int) ->
     return allowed
 
 
-def attention_bias(attention_mask: Tensor, seq_len: int | Tensor, total_len: int | Tensor, window: int) -> Tensor:
+def attention_bias(attention_mask: Tensor, seq_len: int, total_len: int, window: int) -> Tensor:
     """Additive fp32 bias [B, 1, S, T]: 0 where allowed, fp32 min where masked (padding or window).
 
     `attention_mask [B, >=T]` int64 marks real tokens with 1; its last T columns are this layer's keys.

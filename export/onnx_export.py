@@ -115,13 +115,15 @@ def trace_graph(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
+    if program is None:  # only the TorchScript exporter with a file target returns None
+        raise ExportError("torch.onnx.export returned no program")
     graph_model = program.model
     graph = graph_model.graph
     params = {name for name, _ in model.named_parameters()}
     for value in list(graph.initializers.values()):
-        name = value.name.removeprefix("m.")
+        name = _name(value).removeprefix("m.")
         if name != value.name:
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(_name(value))
             value.name = name
             graph.initializers[name] = value
         if name in params:
@@ -184,6 +186,7 @@ def _fold_weight_transforms(graph: ir.Graph) -> None:
         if len(weights) != 1:
             continue
         w = weights[0]
+        op: Literal["transpose", "plus_one"]
         if node.op_type == "Transpose" and len(w.uses()) == 1 and list(node.attributes["perm"].as_ints()) == [1, 0]:
             op, name = "transpose", f"{w.name}.T"
         elif node.op_type == "Add" and _other_is_one(node, w):
@@ -196,14 +199,19 @@ def _fold_weight_transforms(graph: ir.Graph) -> None:
         node.outputs[0].replace_all_uses_with(new)
         graph.remove(node, safe=True)
         if not w.uses():
-            graph.initializers.pop(w.name)
+            graph.initializers.pop(_name(w))
     for value in graph.initializers.values():
         if value.const_value is None and "g2trt_transform" not in value.meta:
-            value.meta["g2trt_transform"] = _Transform(value.name, "identity")
+            value.meta["g2trt_transform"] = _Transform(_name(value), "identity")
+
+
+def _name(value: ir.Value) -> str:
+    assert value.name is not None, "initializers are named"
+    return value.name
 
 
 def _transform_of(value: ir.Value) -> _Transform:
-    return value.meta.get("g2trt_transform") or _Transform(value.name, "identity")
+    return value.meta.get("g2trt_transform") or _Transform(_name(value), "identity")
 
 
 def _is_placeholder(graph: ir.Graph, value: ir.Value) -> bool:

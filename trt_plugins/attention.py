@@ -14,11 +14,15 @@ Shape and dtype rule: out has query's dtype; presents have key's. Scores and sof
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
 from export.model import attention_bias, attention_core
 from trt_plugins.spec import Attr, PluginSpec
+
+T = TypeVar("T")
 
 SPEC = PluginSpec(
     name="SlidingWindowAttention",
@@ -42,6 +46,11 @@ def output_shapes(
     b, kv, p, d = past_key
     present = (b, kv, p + key[2], d)
     return [query, present, present]
+
+
+def output_dtypes(query: T, key: T, *_: T) -> list[T]:
+    """The dtype rule above, over any dtype representation (str, torch.dtype, TensorRT DataType)."""
+    return [query, key, key]
 
 
 def reference(

@@ -11,10 +11,14 @@ residual overflows fp16); normed has residual's shape and x's dtype (it feeds th
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import Tensor
 
 from export.model import rms_normalize
 from trt_plugins.spec import Attr, PluginSpec
+
+T = TypeVar("T")
 
 SPEC = PluginSpec(
     name="SandwichRMSNorm",
@@ -27,6 +31,11 @@ SPEC = PluginSpec(
 
 def output_shapes(x: tuple[int, ...], residual: tuple[int, ...], *_: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [residual, residual]
+
+
+def output_dtypes(x: T, residual: T, *_: T) -> list[T]:
+    """The dtype rule above, over any dtype representation (str, torch.dtype, TensorRT DataType)."""
+    return [residual, x]
 
 
 def reference(

@@ -5,10 +5,14 @@ Shape and dtype rule: y has x's shape and dtype; the math runs in fp32.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from torch import Tensor
 
 from export.model import softcap
 from trt_plugins.spec import Attr, PluginSpec
+
+T = TypeVar("T")
 
 SPEC = PluginSpec(
     name="SoftCap",
@@ -20,6 +24,11 @@ SPEC = PluginSpec(
 
 
 def output_shapes(x: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [x]
+
+
+def output_dtypes(x: T) -> list[T]:
+    """The dtype rule above, over any dtype representation (str, torch.dtype, TensorRT DataType)."""
     return [x]
 
 
