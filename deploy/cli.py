@@ -113,6 +113,191 @@ def pipeline_cmd(checkpoint: Path | None, out: Path, preset: str, dtype: str, op
         raise G2trtError(f"pipeline failed; see {out / 'pipeline.json'}")
 
 
+@cli.command("build")
+@click.argument("model", type=click.Path(path_type=Path, exists=False))
+@click.option("--out", "engine", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Engine file to write; its side file ENGINE.json is written beside it.")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+              help="auto: the full TensorRT where importable and a GPU is present, else TensorRT-RTX.")
+@click.option("--sm", "sms", multiple=True,
+              help="Target compute capability, e.g. 80, 86, 89 (repeat for several; TensorRT-RTX). "
+                   "Default: this GPU, or 89 without one.")
+@click.option("--min", "mins", default="", metavar="DIMS", help="Profile minimums, e.g. batch=1,seq=1,past=0.")
+@click.option("--opt", "opts", default="", metavar="DIMS", help="Profile optimum, e.g. batch=1,seq=128,past=512.")
+@click.option("--max", "maxs", default="", metavar="DIMS", help="Profile maximums, e.g. batch=8,seq=512,past=4095.")
+@click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False),
+              help="Timing cache to read and update (full TensorRT).")
+@click.option("--plugins", is_flag=True, help="Register g2trt's TensorRT plugins (full TensorRT; for the trt graph).")
+@click.option("--opt-level", type=click.IntRange(0, 5), help="Builder optimization level (default 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON instead of a table.")
+@click.option("--verbose", is_flag=True, help="Echo TensorRT's log.")
+@_one_line_errors
+def build_cmd(
+    model: Path, engine: Path, backend: str, sms: tuple[str, ...], mins: str, opts: str, maxs: str,
+    timing_cache: Path | None, plugins: bool, opt_level: int | None, as_json: bool, verbose: bool,
+) -> None:
+    """Build a TensorRT engine from MODEL (an .onnx file or a `g2trt export` directory)."""
+    import json
+
+    from deploy import console as ui
+    from deploy.build import BuildOptions, build_engine
+    from deploy.profiles import parse_dims
+    from deploy.trt_backend import parse_sm
+
+    options = BuildOptions(
+        backend=backend, sms=tuple(parse_sm(s) for s in sms), min=parse_dims(mins, "--min"),
+        opt=parse_dims(opts, "--opt"), max=parse_dims(maxs, "--max"), timing_cache=timing_cache,
+        plugins=plugins, optimization_level=opt_level, verbose=verbose,
+    )
+    with ui.status(f"building {engine.name}"):
+        report = build_engine(model, engine, options)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        ui.out.print(ui.table("g2trt build", ["", ""], report.rows()))
+
+
+@cli.command("generate")
+@click.argument("model", required=False, type=click.Path(path_type=Path, exists=False))
+@click.option("--backend", default="torch", show_default=True, help="torch, ort or trt.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (needs a tokenizer); repeat for a batch.")
+@click.option("--ids", multiple=True, help="Prompt token ids, e.g. '2 651 1234'; repeat for a batch.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables the top-k filter.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 disables the nucleus filter.")
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--stop", multiple=True, type=int, help="Stop token id (repeat); default: the model's eos ids.")
+@click.option("--no-stop", is_flag=True, help="Always generate --max-new-tokens.")
+@click.option("--cache", default="window", show_default=True,
+              help="KV cache policy: window (sliding layers keep sliding_window-1 entries) or full.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
+@click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
+@preset_opt
+@seed_opt
+@click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
+@_one_line_errors
+def generate_cmd(
+    model: Path | None, backend: str, prompts: tuple[str, ...], ids: tuple[str, ...], max_new_tokens: int,
+    temperature: float, top_k: int, top_p: float, sample_seed: int, stop: tuple[int, ...], no_stop: bool,
+    cache: str, tokenizer: Path | None, threads: int | None, preset: str, seed: int, as_json: bool,
+) -> None:
+    """Generate text from MODEL (checkpoint dir, ONNX or engine; none: the random --preset)."""
+    from deploy.generate import GenerationConfig
+    from deploy.generate_run import print_output, run_generate
+    from deploy.sampling import SamplingConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature, top_k, top_p, sample_seed),
+        stop_tokens=() if no_stop else (stop or None), cache=cache,  # type: ignore[arg-type]
+    )
+    result = run_generate(model, backend, prompts=prompts, ids=ids, config=config, tokenizer=tokenizer,
+                          preset=preset, seed=seed, threads=threads)
+    print_output(result, as_json)
+
+
+@cli.command("bench")
+@checkpoint_arg
+@click.option("--out", "out", default="g2trt-bench", show_default=True,
+              type=click.Path(path_type=Path, file_okay=False), help="Directory for bench.json, .md and .png.")
+@click.option("--backends", default="torch,ort-plain,ort,trt,ort-genai", show_default=True)
+@click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes, comma separated.")
+@click.option("--prompt", "prompts", default="128,512", show_default=True, help="Prompt lengths, comma separated.")
+@click.option("--new", "new_tokens", type=int, default=64, show_default=True, help="New tokens per run.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed rounds per setting.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed rounds per setting.")
+@click.option("--threads", type=int, help="Intra-op threads of every backend (default: all cores).")
+@click.option("--baseline", default="ort-plain", show_default=True, help="Backend the speedups are against.")
+@preset_opt
+@seed_opt
+@click.option("--keep-work", is_flag=True, help="Keep the exported models under OUT/work.")
+@_one_line_errors
+def bench_cmd(
+    checkpoint: Path | None, out: Path, backends: str, batches: str, prompts: str, new_tokens: int, warmup: int,
+    repeats: int, threads: int | None, baseline: str, preset: str, seed: int, keep_work: bool,
+) -> None:
+    """Time every backend on CHECKPOINT_DIR (or the random --preset), interleaved, against onnxruntime."""
+    from deploy.bench import BenchSettings, parse_list, print_tables, run
+
+    settings = BenchSettings(
+        backends=tuple(parse_list(backends, "--backends", str)), batches=tuple(parse_list(batches, "--batch", int)),
+        prompts=tuple(parse_list(prompts, "--prompt", int)), new_tokens=new_tokens, warmup=warmup, repeats=repeats,
+        threads=threads, baseline=baseline,
+    )
+    result, paths = run(checkpoint, settings, out, preset=preset, seed=seed, keep_work=keep_work)
+    print_tables(result, paths)
+
+
+@cli.command("package")
+@click.argument("model", type=click.Path(path_type=Path, exists=False))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Triton model repository to write into.")
+@click.option("--name", default="gemma2", show_default=True, help="Model name (its directory in the repository).")
+@click.option("--max-batch-size", type=int, default=8, show_default=True)
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
+@click.option("--kind", default="auto", show_default=True, help="Instance kind: auto, gpu or cpu.")
+@click.option("--max-queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batcher delay.")
+@click.option("--no-dynamic-batching", is_flag=True)
+@click.option("--plugin-library", "plugin_libraries", multiple=True,
+              help="A TensorRT plugin .so the server must load (not needed for g2trt's AOT plugins).")
+@_one_line_errors
+def package_cmd(
+    model: Path, out: Path, name: str, max_batch_size: int, instances: int, kind: str, max_queue_delay_us: int,
+    no_dynamic_batching: bool, plugin_libraries: tuple[str, ...],
+) -> None:
+    """Write a Triton Inference Server repository for MODEL (an ONNX model or a TensorRT engine)."""
+    from deploy.package import package, print_result
+
+    result = package(model, out, name=name, max_batch_size=max_batch_size, instances=instances, kind=kind,
+                     max_queue_delay_us=max_queue_delay_us, dynamic_batching=not no_dynamic_batching,
+                     plugin_libraries=plugin_libraries)
+    print_result(result)
+
+
+@cli.command("optimize")
+@click.argument("model", type=click.Path(path_type=Path, exists=True))
+@click.option("--target", type=click.Choice(["trt", "ort", "trt-native"]), required=True,
+              help="trt: g2trt plugin nodes; ort: onnxruntime contrib ops; trt-native: stock TensorRT ops.")
+@out_opt
+@click.option("--debug", is_flag=True, help="Print why each rejected candidate did not match.")
+@_one_line_errors
+def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
+    """Rewrite MODEL (an exported model.onnx or its directory) for TARGET into OUT (model, manifest, pass report)."""
+    import logging
+
+    from deploy import console as ui
+    from graph_passes import optimize
+
+    if debug:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    report = optimize(model, target, out, debug=debug)
+    rows = [*report.rows(), ("total", "", "", f"{report.nodes_before} -> {report.nodes_after}")]
+    ui.out.print(ui.table(f"g2trt optimize --target {target}: {report.model_path}",
+                          ["pass", "sites", "expected", "nodes"], rows))
+
+
+@cli.command("verify")
+@click.argument("model", type=click.Path(path_type=Path, exists=True))
+@click.option("--checkpoint", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="HF checkpoint of MODEL's weights (default: the source its manifest records).")
+@click.option("--max-len", type=click.IntRange(16), default=512, show_default=True,
+              help="Cap on the 'longer than window' prompt.")
+@_one_line_errors
+def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
+    """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
+    from deploy import console as ui
+    from deploy.verify_model import verify_model
+
+    v = verify_model(model, checkpoint, max_len=max_len)
+    rows = [(d.case, d.step, d.max_abs_diff, d.ref_max_abs) for d in v.report.diffs]
+    ui.out.print(ui.table(f"g2trt verify {v.model} ({v.target}, {v.dtype}) vs PyTorch fp32, weights: {v.source}",
+                          ["case", "step", "max |Δlogit|", "max |logit|"], rows))
+    verdict = "ok" if v.ok else "FAIL"
+    ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)} (bound {v.bound:g})")
+    if not v.ok:
+        raise G2trtError(f"{v.model}: max |logit diff| {v.report.worst:.3g} exceeds {v.bound:g}")
+
+
 def main() -> None:
     cli(prog_name="g2trt")
 

@@ -98,7 +98,8 @@ class Gemma2Config:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            # HF's strict config wants an int here (the real values 256 and 144 are integers)
+            "query_pre_attn_scalar": _int_if_integral(self.query_pre_attn_scalar),
             "sliding_window": self.sliding_window,
             "layer_types": list(self.layer_types),
             "rms_norm_eps": self.rms_norm_eps,
@@ -240,6 +241,10 @@ def load_config(path: str | Path) -> Gemma2Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return config_from_hf_dict(raw, str(path))
+
+
+def _int_if_integral(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else v
 
 
 def _opt_float(v: Any) -> float | None:

@@ -40,5 +40,5 @@ class OnnxReferenceRunner:
         for i, (k, v) in enumerate(past):
             feeds[io.past_name(i, "key")] = k
             feeds[io.past_name(i, "value")] = v
-        out = self.evaluator.run(None, feeds)
+        out: list[np.ndarray] = self.evaluator.run(None, feeds)  # type: ignore[assignment]  # a list for names=None
         return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]

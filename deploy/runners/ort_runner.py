@@ -1,4 +1,9 @@
-"""onnxruntime as a runner (CPU EP here; CUDA EP where onnxruntime-gpu and a GPU are present)."""
+"""onnxruntime as a runner (CPU EP here; CUDA EP where onnxruntime-gpu and a GPU are present).
+
+Any g2trt graph runs here: the plain export, the `ort` target (com.microsoft contrib ops, built into
+onnxruntime) and the `trt` target, whose g2trt plugin nodes run as the reference ops that
+`trt_plugins.ort_ops` registers, so a TensorRT graph is checked token for token without a GPU.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 from deploy.runners.base import KVCache, zeros_past
 from export import io_contract as io
@@ -34,7 +40,13 @@ class OrtRunner:
             so.intra_op_num_threads = threads
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), so, providers=providers or ["CPUExecutionProvider"])
+        try:
+            if uses_plugin_ops(model_path):
+                self.session = plugin_session(model_path, so, providers)
+            else:
+                self.session = ort.InferenceSession(str(model_path), so, providers=providers or default_providers())
+        except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
+            raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
         check_contract(self.session, config, str(model_path))
         past_type = {i.name: i.type for i in self.session.get_inputs()}[io.past_name(0, "key")]
         if past_type not in _NP:
@@ -54,6 +66,32 @@ class OrtRunner:
         out = self.session.run(None, feeds)
         presents = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
         return out[0], presents
+
+
+def default_providers() -> list[str]:
+    """CUDA EP first when this onnxruntime has it (onnxruntime-gpu); onnxruntime falls back to CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def uses_plugin_ops(model_path: str | Path) -> bool:
+    """Whether the graph has g2trt plugin nodes (the `trt` target)."""
+    import onnx
+
+    from trt_plugins.spec import DOMAIN
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    return any(o.domain == DOMAIN for o in proto.opset_import)
+
+
+def plugin_session(model_path: str | Path, so: ort.SessionOptions, providers: list[str] | None) -> ort.InferenceSession:
+    """A session whose g2trt plugin nodes run as `trt_plugins.ort_ops` reference ops (CPU, via Python)."""
+    try:
+        from trt_plugins import ort_ops
+    except ImportError as e:
+        missing = f"{model_path}: has g2trt plugin nodes but their onnxruntime reference ops are missing ({e})"
+        raise G2trtError(missing) from None
+    return ort_ops.inference_session(model_path, so, providers or ["CPUExecutionProvider"])
 
 
 def check_contract(session: ort.InferenceSession, cfg: Gemma2Config, source: str) -> None:

@@ -1,0 +1,132 @@
+"""What a MODEL argument is (checkpoint, ONNX, engine, or none: a random preset) and the runner for a backend.
+
+`g2trt generate` and `g2trt bench` accept any of them; a backend that needs a form the user did not
+give (onnxruntime from a checkpoint) gets it made in a work directory, or a one-line error says what
+to pass (TensorRT needs an engine from `g2trt build`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from deploy.runners.base import Runner
+from export.config import Gemma2Config
+from export.errors import G2trtError
+from export.manifest import manifest_config, read_manifest
+from export.weights import WeightSource, open_weights
+
+BACKENDS = ("torch", "ort", "trt")
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+ModelKind = Literal["preset", "checkpoint", "onnx", "engine"]
+
+
+class ModelError(G2trtError, ValueError):
+    """A MODEL argument that is none of the forms g2trt runs, or a backend it cannot feed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    kind: ModelKind
+    path: Path | None  # checkpoint dir, model.onnx or engine file; None for a preset
+    config: Gemma2Config
+    preset: str = "tiny"
+    seed: int = 0
+
+    def weights(self) -> WeightSource:
+        if self.kind not in ("preset", "checkpoint"):
+            raise ModelError(f"{self.path}: the torch backend needs a checkpoint directory (or no MODEL)")
+        return open_weights(self.path, self.preset, self.seed)
+
+    @property
+    def directory(self) -> Path | None:
+        if self.path is None:
+            return None
+        return self.path if self.path.is_dir() else self.path.parent
+
+
+def check_backend(backend: str, choices: tuple[str, ...] = BACKENDS) -> str:
+    if backend not in choices:
+        raise ModelError(f"unknown backend {backend!r}; choose from {', '.join(choices)}")
+    return backend
+
+
+def resolve_model(model: str | Path | None, preset: str = "tiny", seed: int = 0) -> ModelRef:
+    """Classify `model`: a HF checkpoint dir, an ONNX file (or dir with model.onnx), an engine, or None."""
+    if model is None:
+        from export.config import preset as get_preset
+
+        return ModelRef("preset", None, get_preset(preset), preset, seed)
+    path = Path(model)
+    if not path.exists():
+        raise ModelError(f"{path}: not found")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelRef("checkpoint", path, open_weights(path).config, preset, seed)
+        if (path / "model.onnx").is_file():
+            path = path / "model.onnx"
+        else:
+            engines = sorted(p for p in path.iterdir() if p.suffix in ENGINE_SUFFIXES)
+            if len(engines) != 1:
+                raise ModelError(
+                    f"{path}: not a checkpoint (config.json), ONNX (model.onnx) or engine directory"
+                    + (f" ({len(engines)} engines; name one)" if engines else "")
+                )
+            path = engines[0]
+    if path.suffix == ".onnx":
+        return ModelRef("onnx", path, manifest_config(read_manifest(path)), preset, seed)
+    if path.suffix in ENGINE_SUFFIXES:
+        return ModelRef("engine", path, engine_config(path), preset, seed)
+    suffixes = ", ".join(ENGINE_SUFFIXES)
+    raise ModelError(f"{path}: not a checkpoint directory, .onnx model or TensorRT engine ({suffixes})")
+
+
+def engine_config(engine: Path) -> Gemma2Config:
+    """The Gemma 2 config of an engine: the manifest of the ONNX its side file names, else one beside it."""
+    from deploy.engine_meta import load_engine_meta
+
+    meta = load_engine_meta(engine)
+    for candidate in (Path(meta.onnx), engine):
+        try:
+            return manifest_config(read_manifest(candidate))
+        except G2trtError:
+            continue
+    raise ModelError(f"{engine}: no manifest.json beside it or beside its ONNX ({meta.onnx}), so its config is unknown")
+
+
+def open_runner(
+    ref: ModelRef, backend: str, *, work_dir: Path | None = None, threads: int | None = None, name: str | None = None
+) -> Runner:
+    """The runner of `backend` for `ref`; an onnxruntime run of a checkpoint exports into `work_dir` first."""
+    check_backend(backend)
+    if backend == "torch":
+        from deploy.runners.torch_runner import TorchRunner
+        from export.weights import load_model
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return TorchRunner(load_model(ref.weights(), "fp32"), name=name or "torch")
+    if backend == "ort":
+        from deploy.runners.ort_runner import OrtRunner
+
+        if ref.kind == "engine":
+            raise ModelError(f"{ref.path}: the ort backend needs an ONNX model or checkpoint, not an engine")
+        path = ref.path if ref.kind == "onnx" else export_for_ort(ref, work_dir)
+        return OrtRunner(path, ref.config, name=name or "ort", threads=threads)  # type: ignore[arg-type]
+    from deploy.runners.trt_runner import TrtRunner
+
+    if ref.kind != "engine":
+        raise ModelError(f"{ref.path or ref.preset}: the trt backend needs an engine built by `g2trt build`")
+    return TrtRunner(ref.path, ref.config, name=name or "trt")  # type: ignore[arg-type]
+
+
+def export_for_ort(ref: ModelRef, work_dir: Path | None) -> Path:
+    """Export the checkpoint (or preset) to fp32 ONNX under `work_dir` and return model.onnx."""
+    from export.onnx_export import ExportOptions, export_onnx
+
+    if work_dir is None:
+        raise ModelError("the ort backend needs an ONNX model; export one with `g2trt export` first")
+    return export_onnx(ref.weights(), work_dir / "onnx", ExportOptions(dtype="fp32")).model_path

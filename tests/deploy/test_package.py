@@ -1,0 +1,151 @@
+"""`g2trt package`: the Triton repository's layout and config.pbtxt, checked against the model's own I/O."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import onnx
+import pytest
+
+from deploy import triton_config as tc
+from deploy.engine_meta import EngineMeta, file_digest, write_engine_meta
+from deploy.package import PackageError, model_io, package, validate_repository
+from export import io_contract as io
+from export.errors import G2trtError
+
+ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
+
+
+def read_config(model_dir: Path):
+    return tc.parse((model_dir / "config.pbtxt").read_text())
+
+
+def test_onnx_repository_layout_and_config(runtime_export, runtime_cfg, tmp_path):
+    result = package(runtime_export.model_path.parent, tmp_path / "repo", name="gemma2_tiny", max_batch_size=4)
+    model_dir = tmp_path / "repo" / "gemma2_tiny"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "g2trt.json"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx", "model.onnx.data"]
+    data = model_dir / "1" / "model.onnx.data"
+    assert os.path.samefile(data, runtime_export.model_path.parent / "model.onnx.data")  # hard link, no copy
+
+    config = read_config(model_dir)
+    assert (config.name, config.backend, config.max_batch_size) == ("gemma2_tiny", "onnxruntime", 4)
+    assert config.default_model_filename == "model.onnx"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert [g.kind for g in config.instance_group] == [tc.INSTANCE_KINDS["KIND_AUTO"]]
+    # Against the ONNX graph itself, independently of deploy.package's reader:
+    graph = onnx.load(str(runtime_export.model_path), load_external_data=False).graph
+    for declared, values in ((config.input, graph.input), (config.output, graph.output)):
+        assert [d.name for d in declared] == [v.name for v in values]
+        for d, v in zip(declared, values, strict=True):
+            t = v.type.tensor_type
+            assert tc.data_type_name(d.data_type) == ONNX_TO_TRITON[t.elem_type]
+            assert t.shape.dim[0].dim_param == io.BATCH
+            assert list(d.dims) == [x.dim_value if x.HasField("dim_value") else -1 for x in t.shape.dim[1:]]
+    assert [d.name for d in config.input] == io.input_names(runtime_cfg)
+    past = next(d for d in config.input if d.name == io.past_name(0, "key"))
+    assert list(past.dims) == [runtime_cfg.num_key_value_heads, -1, runtime_cfg.head_dim]
+    assert result.server_command == f"tritonserver --model-repository={(tmp_path / 'repo').resolve()}"
+    assert validate_repository(tmp_path / "repo") == ["gemma2_tiny"]
+
+
+def test_ort_target_packages_and_trt_target_is_refused(runtime_target, tmp_path):
+    package(runtime_target("ort"), tmp_path / "repo", name="ort")
+    assert read_config(tmp_path / "repo" / "ort").backend == "onnxruntime"
+    with pytest.raises(PackageError, match="g2trt plugin nodes"):
+        package(runtime_target("trt"), tmp_path / "repo", name="trt")
+    assert not (tmp_path / "repo" / "trt").exists()
+
+
+@pytest.fixture
+def repo(runtime_export, tmp_path) -> Path:
+    package(runtime_export.model_path, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('name: "input_ids"', 'name: "tokens"'), "inputs differ from the model"),
+        (lambda t: t.replace("dims: 32", "dims: 64", 1), "dims [2, -1, 64], the model has [2, -1, 32]"),
+        (lambda t: t.replace("TYPE_FP32", "TYPE_FP16", 1), "is TYPE_FP16, the model has TYPE_FP32"),
+        (lambda t: t.replace('name: "gemma2"', 'name: "other"'), "differs from its directory"),
+        (lambda t: t.replace("max_batch_size: 8", "max_batch_size: 8\nmax_batchsize: 2"), "no field named"),
+        (lambda t: t.replace('backend: "onnxruntime"', 'backend: "pytorch"'), "not one g2trt packages"),
+    ],
+)
+def test_validation_catches_a_config_that_lies(repo, edit, message):
+    config = repo / "gemma2" / "config.pbtxt"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(G2trtError, match=re.escape(message)):
+        validate_repository(repo)
+
+
+def test_validation_catches_missing_files(repo):
+    (repo / "gemma2" / "1" / "model.onnx.data").unlink()
+    with pytest.raises(PackageError, match=re.escape("external data file model.onnx.data is missing")):
+        validate_repository(repo)
+    (repo / "gemma2" / "1" / "model.onnx").unlink()
+    with pytest.raises(PackageError, match=re.escape("no model.onnx")):
+        validate_repository(repo)
+
+
+def test_bad_options(runtime_export, tmp_path):
+    for kw, message in (
+        ({"name": "a/b"}, "--name"),
+        ({"max_batch_size": 0}, "--max-batch-size"),
+        ({"kind": "tpu"}, "--kind"),
+    ):
+        with pytest.raises(PackageError, match=message):
+            package(runtime_export.model_path, tmp_path / "repo", **kw)
+
+
+def fake_engine(runtime_export, tmp_path: Path, backend: str) -> Path:
+    """Bytes standing in for a plan, with the side file `g2trt build` writes (packaging never deserializes)."""
+    engine = tmp_path / f"{backend}.plan"
+    engine.write_bytes(b"ftrt" + bytes(range(256)) * 4)
+    size, digest, magic = file_digest(engine)
+    meta = EngineMeta(
+        backend=backend,
+        trt_version="10.15.1",
+        target_sms=(90,),
+        dtype="fp32",
+        onnx=str(runtime_export.model_path),
+        onnx_sha256="",
+        profiles=(),
+        plugins={},
+        engine_bytes=size,
+        engine_sha256=digest,
+        engine_magic=magic,
+    )
+    write_engine_meta(engine, meta)
+    return engine
+
+
+def test_engine_repository(runtime_export, tmp_path):
+    engine = fake_engine(runtime_export, tmp_path, "tensorrt")
+    result = package(engine, tmp_path / "repo", plugin_libraries=["/opt/plugins/libx.so"])
+    model_dir = tmp_path / "repo" / "gemma2"
+    assert (model_dir / "1" / "model.plan").read_bytes() == engine.read_bytes()
+    config = read_config(model_dir)
+    assert (config.backend, config.default_model_filename) == ("tensorrt", "model.plan")
+    assert [g.kind for g in config.instance_group] == [tc.INSTANCE_KINDS["KIND_GPU"]]
+    inputs, outputs = model_io(runtime_export.model_path)
+    assert [d.name for d in config.input] == [t.name for t in inputs]
+    assert [d.name for d in config.output] == [t.name for t in outputs]
+    assert 'plugins="/opt/plugins/libx.so"' in result.server_command
+    validate_repository(tmp_path / "repo")
+    with pytest.raises(PackageError, match="GPUs only"):
+        package(engine, tmp_path / "repo2", kind="cpu")
+
+
+def test_rtx_and_corrupt_engines_are_refused(runtime_export, tmp_path):
+    with pytest.raises(PackageError, match="TensorRT-RTX"):
+        package(fake_engine(runtime_export, tmp_path, "tensorrt-rtx"), tmp_path / "repo")
+    engine = fake_engine(runtime_export, tmp_path, "tensorrt")
+    with engine.open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(G2trtError, match="corrupt or truncated"):
+        package(engine, tmp_path / "repo")
