@@ -298,6 +298,28 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
         raise G2trtError(f"{v.model}: max |logit diff| {v.report.worst:.3g} exceeds {v.bound:g}")
 
 
+@cli.command("kernels")
+@checkpoint_arg
+@out_opt
+@preset_opt
+@dtype_opt
+@click.option("--sm", "sms", multiple=True, type=click.Choice(["80", "86", "89", "90"]),
+              help="Target compute capability (repeat; default: all four).")
+@_one_line_errors
+def kernels_cmd(checkpoint: Path | None, out: Path, preset: str, dtype: str, sms: tuple[str, ...]) -> None:
+    """Compile the plugin kernels a model needs to cubin + PTX for each target (no GPU needed): OUT/kernels.json."""
+    from deploy import console as ui
+    from export.weights import open_weights
+    from trt_plugins.aot import ARCHS, compile_all, model_requests, write_kernels
+
+    cfg = open_weights(checkpoint, preset).config
+    kernels = compile_all([int(s) for s in sms] or ARCHS, model_requests(cfg, dtype))
+    write_kernels(kernels, out)
+    rows = [(k.plugin, k.dtype, k.ptx_target, k.name, k.num_warps, k.shared_mem) for k in kernels]
+    columns = ["plugin", "dtype", "target", "kernel", "warps", "shared B"]
+    ui.out.print(ui.table(f"g2trt kernels -> {out}", columns, rows))
+
+
 def main() -> None:
     cli(prog_name="g2trt")
 
