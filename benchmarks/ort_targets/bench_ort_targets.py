@@ -1,0 +1,311 @@
+"""onnxruntime CPU latency: the plain export vs the `ort` target (and each pass alone) vs onnxruntime-genai.
+
+    python benchmarks/ort_targets/bench_ort_targets.py                # the issue's setting, ~2 min
+    python benchmarks/ort_targets/bench_ort_targets.py --quick        # a smoke run on a small model
+
+One random Gemma 2 (default: 6 layers, hidden 512, 32k vocab; seeded RandomWeights) is exported with
+g2trt, optimized with `g2trt optimize --target ort` and with each lowering alone, and converted by
+onnxruntime-genai's own builder from the same weights written as a HF checkpoint. Every model then
+runs greedy generation, batch 1: prefill of a `--prompt`-token prompt (+ the argmax of its last
+logits) and `--decode` single-token steps (+ argmax each). g2trt graphs run in an onnxruntime
+session through IOBinding (the cache stays in onnxruntime values between steps); the genai model
+runs in genai's Generator (append_tokens, generate_next_token), the runtime it is built for. All run
+with the same intra-op thread count, interleaved round by round so load drift hits every model
+alike; medians over rounds. The export is last-logits-only (what a generation server runs); genai's
+graph computes logits for every prompt position. Writes results.json and results.md beside this
+script (or in --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from export import io_contract as io  # noqa: E402
+from export.config import Gemma2Config, preset  # noqa: E402
+from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from export.weights import RandomWeights  # noqa: E402
+from graph_passes import PASSES, optimize  # noqa: E402
+
+# Each lowering alone on the plain export (with the fusion it needs), then the whole target: every pass
+# is measured, none assumed to help. "decomposed attention" is the alternative to GroupQueryAttention
+# (trt-native's expand_attention), kept here because on CPU it wins prefill and loses decode.
+VARIANTS: dict[str, tuple[str, ...] | None] = {
+    "plain": None,
+    "norms -> SimplifiedLayerNorm": ("fuse_rmsnorm", "lower_rmsnorm_ort"),
+    "+ sandwich -> SkipSimplifiedLayerNorm": (
+        "fuse_rmsnorm",
+        "fuse_sandwich_norm",
+        "lower_sandwich_ort",
+        "lower_rmsnorm_ort",
+    ),
+    "GELU -> FastGelu": ("fuse_gelu_ort",),
+    "attention -> GroupQueryAttention": ("insert_sliding_window_attention", "lower_attention_ort"),
+    "attention -> decomposed GQA": ("insert_sliding_window_attention", "expand_attention"),
+    "ort": (),  # the full `ort` target
+}
+
+
+def bench_config(args: argparse.Namespace) -> Gemma2Config:
+    return preset("tiny").replace(
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 2,
+        head_dim=args.hidden // args.heads,
+        query_pre_attn_scalar=args.hidden // args.heads,
+        vocab_size=args.vocab,
+        sliding_window=args.window,
+        max_position_embeddings=8192,
+    )
+
+
+class OrtModel:
+    """A g2trt graph in a plain onnxruntime session, run the way a generation loop runs it."""
+
+    def __init__(self, name: str, path: Path, cfg: Gemma2Config, threads: int) -> None:
+        self.name, self.cfg = name, cfg
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        """Greedy generation through IOBinding: the presents stay onnxruntime values and feed the next
+        step as they are (as a serving loop keeps them), only the last logits come back to numpy."""
+        cfg, sess = self.cfg, self.session
+        b, s = input_ids.shape
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32))
+        past = [empty] * (2 * cfg.num_hidden_layers)
+        mask = np.ones((b, s), np.int64)
+        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
+        outputs = [o.name for o in sess.get_outputs()]
+        ids, steps, tokens, first_logits = input_ids, [], [], None
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            binding = sess.io_binding()
+            for name, value in ((io.INPUT_IDS, ids), (io.ATTENTION_MASK, mask), (io.POSITION_IDS, pos)):
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(io.past_names(cfg), past, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in outputs:
+                binding.bind_output(name, "cpu")
+            sess.run_with_iobinding(binding)
+            out = binding.get_outputs()
+            logits = out[0].numpy()[:, -1]
+            nxt = logits.argmax(-1)
+            steps.append(time.perf_counter() - start)
+            if step == 0:
+                first_logits = logits
+            tokens.append(int(nxt[0]))
+            past = list(out[1:])
+            ids = nxt[:, None].astype(np.int64)
+            mask = np.ones((b, mask.shape[1] + 1), np.int64)
+            pos = pos[:, -1:] + 1
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first_logits}
+
+
+def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dict[str, Any]:
+    source = RandomWeights(cfg, seed=args.seed)
+    # last_logits_only: the export a generation server runs (prefill returns the logits it samples from)
+    plain = export_onnx(source, work / "plain", ExportOptions(last_logits_only=True)).model_path
+    models: dict[str, Any] = {}
+    for name, passes in VARIANTS.items():
+        if passes is None:
+            path = plain
+        else:
+            chosen = None if not passes else [PASSES[p] for p in passes]
+            path = Path(optimize(plain, "ort", work / name.replace(" ", "_"), passes=chosen).model_path)
+        models[name] = OrtModel(name, path, cfg, args.threads)
+    if not args.no_genai:
+        from deploy.genai_peer import build, write_hf_checkpoint
+
+        hf = write_hf_checkpoint(source, work / "hf")
+        models["genai"] = GenaiModel(build(hf, work / "genai"), cfg, args.threads)
+    return models
+
+
+class GenaiModel:
+    """The genai builder's model in genai's own Generator: append_tokens (prefill), generate_next_token.
+
+    Its sliding layers use a window-sized cache that must hold at least `sliding_window` rows, so
+    max_length is at least the window; min_length keeps a random model's EOS from ending a run early.
+    """
+
+    def __init__(self, model_dir: Path, cfg: Gemma2Config, threads: int) -> None:
+        import onnxruntime_genai as og
+
+        self.og, self.cfg = og, cfg
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        og = self.og
+        total = input_ids.shape[1] + new_tokens
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(
+            max_length=max(total, self.cfg.sliding_window + 1), min_length=total, do_sample=False, batch_size=1
+        )
+        generator = og.Generator(self.model, params)
+        steps = []
+        start = time.perf_counter()
+        generator.append_tokens(input_ids.astype(np.int32))
+        generator.generate_next_token()
+        steps.append(time.perf_counter() - start)
+        for _ in range(new_tokens - 1):
+            start = time.perf_counter()
+            generator.generate_next_token()
+            steps.append(time.perf_counter() - start)
+        tokens = generator.get_sequence(0)[input_ids.shape[1] :].tolist()
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": None}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = bench_config(args)
+    with tempfile.TemporaryDirectory(prefix="g2trt-bench-", dir=args.work) as tmp:
+        models = build_models(args, cfg, Path(tmp))
+        rng = np.random.default_rng(args.seed)
+        prompt = rng.integers(3, cfg.vocab_size, size=(1, args.prompt), dtype=np.int64)
+        names = list(models)
+        for m in models.values():  # warm-up: first-run allocations and thread pools
+            m.trial(prompt, 2)
+        ttft: dict[str, list[float]] = {n: [] for n in names}
+        step: dict[str, list[float]] = {n: [] for n in names}
+        tokens: dict[str, list[int]] = {}
+        logits: dict[str, np.ndarray] = {}
+        for r in range(args.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
+            for n in order:
+                res = models[n].trial(prompt, args.decode + 1)
+                ttft[n].append(res["ttft_s"])
+                step[n].extend(res["step_s"])
+                tokens[n] = [t[0] if isinstance(t, list) else t for t in res["tokens"]]
+                if res.get("first_logits") is not None:
+                    logits[n] = res["first_logits"]
+    rows = {}
+    for n in names:
+        rows[n] = {
+            "prefill_ms": 1e3 * statistics.median(ttft[n]),
+            "decode_ms_per_token": 1e3 * statistics.median(step[n]),
+            "prefill_samples": len(ttft[n]),
+            "decode_samples": len(step[n]),
+            "greedy_tokens_match_plain": tokens[n][: args.decode] == tokens["plain"][: args.decode],
+        }
+        if n in logits:
+            rows[n]["max_abs_logit_diff_vs_plain"] = float(np.abs(logits[n] - logits["plain"]).max())
+    ref = rows.get("genai")
+    for row in rows.values():
+        if ref:
+            row["prefill_vs_genai"] = row["prefill_ms"] / ref["prefill_ms"]
+            row["decode_vs_genai"] = row["decode_ms_per_token"] / ref["decode_ms_per_token"]
+        row["prefill_vs_plain"] = row["prefill_ms"] / rows["plain"]["prefill_ms"]
+        row["decode_vs_plain"] = row["decode_ms_per_token"] / rows["plain"]["decode_ms_per_token"]
+    return {
+        "command": " ".join(["python benchmarks/ort_targets/bench_ort_targets.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "layer_types"},
+        "settings": {k: getattr(args, k) for k in ("prompt", "decode", "rounds", "threads", "seed", "window")},
+        "results": rows,
+    }
+
+
+def machine() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln)
+    versions: dict[str, str | None] = {}
+    for pkg in ("onnxruntime", "onnxruntime-genai", "onnx", "torch"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_at_end": os.getloadavg(),
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s, c = res["settings"], res["config"]
+    lines = [
+        "# onnxruntime CPU: plain export vs `ort` target vs onnxruntime-genai",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Model: random Gemma 2, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"{c['num_attention_heads']} heads / {c['num_key_value_heads']} KV heads, vocab {c['vocab_size']}, "
+        f"sliding window {c['sliding_window']}, fp32, g2trt export with last_logits_only. "
+        f"Batch 1, prompt {s['prompt']}, {s['decode']} decode steps, {s['threads']} threads, "
+        f"{s['rounds']} interleaved rounds, medians.",
+        f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores), onnxruntime "
+        f"{res['machine']['onnxruntime']}, onnxruntime-genai {res['machine']['onnxruntime-genai']}.",
+        "",
+        "| model | prefill ms | decode ms/token | prefill / genai | decode / genai | greedy = plain | max Δlogit |",
+        "|---|---:|---:|---:|---:|:---:|---:|",
+    ]
+    for name, r in res["results"].items():
+        ratio = (
+            (f"{r['prefill_vs_genai']:.2f}", f"{r['decode_vs_genai']:.2f}") if "prefill_vs_genai" in r else ("-", "-")
+        )
+        diff = r.get("max_abs_logit_diff_vs_plain")
+        lines.append(
+            f"| {name} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {ratio[0]} | {ratio[1]} | "
+            f"{'yes' if r['greedy_tokens_match_plain'] else 'no'} | {'-' if diff is None else f'{diff:.1e}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--window", type=int, default=4096, help="sliding window (Gemma 2: 4096)")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--decode", type=int, default=16, help="decode steps per round")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (not installed)")
+    ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: system temp)")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.vocab = 2, 128, 4, 2048
+        args.prompt, args.decode, args.rounds = 32, 4, 2
+    res = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "results_quick" if args.quick else "results"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

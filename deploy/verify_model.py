@@ -1,0 +1,96 @@
+"""`g2trt verify MODEL.onnx`: any g2trt graph (export or optimized target) against the PyTorch model.
+
+The reference weights are the model's own: `--checkpoint DIR`, else the source its manifest records
+(a checkpoint path, or the seed of random weights, re-drawn). `trt`-target graphs run their plugin
+nodes as the PyTorch reference ops (trt_plugins/ort_ops.py), so a TensorRT graph is checked here,
+on CPU. Cases: deploy/verify.py's parity cases (batch 2 with left padding, a prompt longer than the
+window), prefill + 3 decode steps; bound: deploy/verify.py's TOLERANCE for the model's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import onnx
+
+from deploy.runners.base import Runner
+from deploy.runners.ort_runner import OrtRunner
+from deploy.runners.torch_runner import TorchRunner
+from deploy.verify import TOLERANCE, Report, compare, parity_cases
+from export.checkpoint import open_checkpoint
+from export.config import Gemma2Config
+from export.errors import G2trtError
+from export.manifest import manifest_config, read_manifest
+from export.weights import WeightSource, load_model, weights_from_description
+from trt_plugins import ort_ops
+
+
+class VerifyError(G2trtError, ValueError):
+    """A model whose reference weights cannot be found."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    model: Path
+    target: str  # "export" for an unoptimized graph
+    dtype: str
+    source: str
+    report: Report
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.report.worst <= self.bound
+
+
+def verify_model(
+    model_path: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    reference: Runner | None = None,
+    max_len: int = 512,
+    seed: int = 0,
+) -> Verification:
+    """Compare `model_path` with the fp32 PyTorch model of its weights (`reference`, if given, is that
+    model already loaded: the pipeline verifies three targets against one)."""
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "model.onnx"
+    manifest = read_manifest(model_path)
+    cfg = manifest_config(manifest)
+    source = _source(manifest, checkpoint, model_path)
+    if source.config != cfg:
+        raise VerifyError(f"{checkpoint or model_path}: its config differs from the model's manifest config")
+    options = manifest.get("options") or {}
+    dtype = str(manifest.get("dtype") or options.get("dtype") or "fp32")
+    if reference is None:
+        reference = TorchRunner(load_model(source, "fp32", last_logits_only=bool(options.get("last_logits_only"))))
+    report = compare(reference, ort_runner(model_path, cfg), parity_cases(cfg, seed, max_len))
+    described = str(checkpoint) if checkpoint else _describe(manifest.get("source") or {})
+    return Verification(model_path, manifest.get("target", "export"), dtype, described, report, TOLERANCE[dtype])
+
+
+def _source(manifest: dict, checkpoint: str | Path | None, model_path: Path) -> WeightSource:
+    if checkpoint is not None:
+        return open_checkpoint(checkpoint)
+    description = manifest.get("source")
+    if not description:
+        raise VerifyError(f"{model_path}: its manifest does not record its weights; pass --checkpoint DIR")
+    try:
+        return weights_from_description(description, manifest_config(manifest))
+    except G2trtError as e:
+        raise VerifyError(f"{model_path}: {e}; pass --checkpoint DIR") from None
+
+
+def ort_runner(model_path: Path, cfg: Gemma2Config) -> OrtRunner:
+    """An onnxruntime runner for any g2trt graph (plugin nodes run as trt_plugins.ort_ops reference ops)."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    name = "onnxruntime + reference plugin ops" if ort_ops.uses_plugin_ops(proto) else "onnxruntime"
+    return OrtRunner(model_path, cfg, name=name)
+
+
+def _describe(source: dict) -> str:
+    if source.get("kind") == "random":
+        return f"random weights (seed {source.get('seed')})"
+    return str(source.get("path", "?"))

@@ -1,0 +1,69 @@
+"""The pass order of each target: one list per target, in one place.
+
+Every target runs the same four fusions first, so every target checks the same site counts against
+the config (norms 4 per layer + 1, sandwiches 2 per layer, attention 1 per layer, soft-cap 1); then
+it lowers the fused nodes to what its runtime runs fastest.
+"""
+
+from __future__ import annotations
+
+from graph_passes import (
+    expand_attention,
+    expand_rmsnorm,
+    expand_sandwich_norm,
+    expand_softcap,
+    fuse_gelu_ort,
+    fuse_rmsnorm,
+    fuse_sandwich_norm,
+    insert_sliding_window_attention,
+    insert_softcap,
+    lower_attention_ort,
+    lower_rmsnorm_ort,
+    lower_sandwich_ort,
+)
+from graph_passes.driver import Pass
+
+TARGETS: dict[str, tuple[Pass, ...]] = {
+    # TensorRT with the g2trt plugins (trt_plugins/): plugin nodes TensorRT's ONNX parser resolves by name.
+    "trt": (
+        fuse_rmsnorm.PASS,  # every decomposed norm -> RMSNorm (the sandwich pass matches these)
+        fuse_sandwich_norm.PASS,  # post-norm + residual + next pre-norm -> SandwichRMSNorm plugin
+        insert_sliding_window_attention.PASS,  # before insert_softcap: it absorbs the attention soft-caps
+        insert_softcap.PASS,  # what is left: the final logits -> SoftCap plugin
+        expand_rmsnorm.PASS,  # layer 0's input norm, the one no sandwich takes: standard ops
+    ),
+    # onnxruntime (CPU/CUDA) with its contrib ops.
+    "ort": (
+        fuse_rmsnorm.PASS,
+        fuse_sandwich_norm.PASS,
+        insert_sliding_window_attention.PASS,
+        # no insert_softcap: onnxruntime has no soft-cap op, the logits keep Div/Tanh/Mul
+        fuse_gelu_ort.PASS,  # the MLP's tanh-GELU (8 ops) -> FastGelu; after attention took its Tanh nodes
+        lower_sandwich_ort.PASS,  # -> SimplifiedLayerNormalization + SkipSimplifiedLayerNormalization
+        lower_rmsnorm_ort.PASS,  # -> SimplifiedLayerNormalization
+        lower_attention_ort.PASS,  # -> RotaryEmbedding + GroupQueryAttention (softcap, local_window_size)
+    ),
+    # Stock TensorRT / TensorRT-RTX, no plugins: the fused nodes expanded to the standard ops TensorRT
+    # fuses itself, in one canonical form whatever the exporter wrote (and GQA without a KV Expand).
+    "trt-native": (
+        fuse_rmsnorm.PASS,
+        fuse_sandwich_norm.PASS,
+        insert_sliding_window_attention.PASS,
+        insert_softcap.PASS,
+        expand_sandwich_norm.PASS,
+        expand_rmsnorm.PASS,
+        expand_softcap.PASS,
+        expand_attention.PASS,
+    ),
+}
+
+PASSES: dict[str, Pass] = {p.name: p for passes in TARGETS.values() for p in passes}
+
+
+def passes_for(target: str) -> tuple[Pass, ...]:
+    from graph_passes.errors import OptimizeError
+
+    try:
+        return TARGETS[target]
+    except KeyError:
+        raise OptimizeError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}") from None

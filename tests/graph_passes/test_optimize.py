@@ -1,0 +1,172 @@
+"""`optimize` end to end, per target: prefill and 3 decode steps, batch 2 with left padding, a prompt
+longer than the window, against the unoptimized export in onnxruntime.
+
+Bounds (max |logit diff| on valid positions): fp32 <= 1e-4 (measured ~1e-5); fp16 <= 1e-2 against the
+unoptimized fp16 export (measured ~4e-3: fp16 rounding of a different op order; both stay within
+deploy/verify.py's 5e-2 of the fp32 PyTorch model). Random configs cover no GQA expansion (KV == H), no
+soft-caps, an odd layer count, a global first layer and query_pre_attn_scalar != head_dim.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from deploy.cli import cli
+from deploy.runners.ort_runner import OrtRunner
+from deploy.verify import compare, parity_cases
+from deploy.verify_model import ort_runner
+from export.config import GLOBAL, SLIDING, Gemma2Config
+from export.manifest import read_manifest
+from export.onnx_export import ExportOptions, export_onnx
+from export.weights import RandomWeights
+from graph_passes import TARGETS, OptimizeError, SiteCountError, optimize
+from trt_plugins.spec import DOMAIN
+
+FP32_BOUND, FP16_BOUND = 1e-4, 1e-2
+
+
+def _parity(plain: Path, optimized: Path, cfg: Gemma2Config) -> float:
+    reference = OrtRunner(plain, cfg, name="plain export", optimize=False)
+    report = compare(reference, ort_runner(optimized, cfg), parity_cases(cfg))
+    return report.worst
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_fp32_target_matches_the_export(target: str, tiny_export, tiny_cfg, tmp_path) -> None:
+    plain = tiny_export("fp32").model_path
+    report = optimize(plain, target, tmp_path / target)
+    assert _parity(plain, Path(report.model_path), tiny_cfg) <= FP32_BOUND
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_fp16_target_matches_the_export(target: str, tiny_export, tiny_cfg, tmp_path) -> None:
+    plain = tiny_export("fp16").model_path
+    report = optimize(plain, target, tmp_path / target)
+    assert _parity(plain, Path(report.model_path), tiny_cfg) <= FP16_BOUND
+
+
+def random_config(seed: int) -> Gemma2Config:
+    """A small Gemma 2 config drawn from a seeded RNG (reproducible 'random config')."""
+    rng = np.random.default_rng(seed)
+    kv = int(rng.choice([1, 2]))
+    heads = kv * int(rng.choice([1, 2, 4]))
+    layers = int(rng.integers(2, 4))
+    head_dim = int(rng.choice([8, 16]))
+    return Gemma2Config(
+        vocab_size=int(rng.integers(300, 600)),
+        hidden_size=int(rng.choice([32, 48])),
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        query_pre_attn_scalar=float(rng.choice([head_dim, 24])),
+        sliding_window=int(rng.integers(3, 9)),
+        layer_types=tuple(str(t) for t in rng.choice([SLIDING, GLOBAL], size=layers)),
+        attn_logit_softcapping=[None, 20.0][int(rng.integers(2))],
+        final_logit_softcapping=[None, 15.0][int(rng.integers(2))],
+        max_position_embeddings=256,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [3, 5, 6])  # KV == H; a global first layer; odd layers, one soft-cap
+def test_random_configs_every_target(seed: int, tmp_path) -> None:
+    cfg = random_config(seed)
+    plain = export_onnx(RandomWeights(cfg, seed=seed), tmp_path / "export").model_path
+    for target in TARGETS:
+        report = optimize(plain, target, tmp_path / target)
+        assert _parity(plain, Path(report.model_path), cfg) <= FP32_BOUND, (target, cfg)
+
+
+def test_outputs_manifest_report_and_no_shared_weight_file(tiny_export, tmp_path) -> None:
+    plain = tiny_export("fp32").model_path
+    report = optimize(plain, "trt", tmp_path / "trt")
+    out = tmp_path / "trt"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "model.onnx.data",
+        "passes.json",
+        "passes.txt",
+    ]
+    assert (out / "model.onnx.data").stat().st_nlink == 1  # onnx refuses hard-linked external data
+    onnx.checker.check_model(str(out / "model.onnx"))  # loads the weights: paths and offsets are valid
+    m = read_manifest(out)
+    assert (
+        m["stage"] == "optimize" and m["target"] == "trt" and m["source"] == {"kind": "random", "seed": 0, "scale": 1.0}
+    )
+    assert [p["sites"] for p in m["passes"]] == [17, 8, 4, 1, 1]
+    assert json.loads((out / "passes.json").read_text())["passes"][0]["count"] == 17
+    text = (out / "passes.txt").read_text()
+    assert "fuse_sandwich_norm" in text and f"{report.nodes_before} -> {report.nodes_after}" in text
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    plugins = [n for n in proto.graph.node if n.domain == DOMAIN]
+    assert {n.op_type for n in plugins} == {"SandwichRMSNorm", "SlidingWindowAttention", "SoftCap"}
+    assert all({"plugin_version", "plugin_namespace"} <= {a.name for a in n.attribute} for n in plugins)
+    assert not proto.functions  # TensorRT resolves plugins by name, never through local functions
+
+
+def test_a_missing_layer_is_an_error_naming_it(tiny_export, tmp_path) -> None:
+    """Layer 2's attention soft-cap divisor changed: its attention site no longer matches."""
+    src = tiny_export("fp32").model_path
+    broken = tmp_path / "broken"
+    shutil.copytree(src.parent, broken)
+    proto = onnx.load(str(broken / "model.onnx"), load_external_data=False)
+    tanh = next(
+        n
+        for n in proto.graph.node
+        if n.op_type == "Tanh" and any("layers.2.self_attn" in p.value for p in n.metadata_props)
+    )
+    div = next(n for n in proto.graph.node if tanh.input[0] in n.output)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(40.0, np.float32), "cap40"))
+    div.input[1] = "cap40"
+    onnx.save(proto, str(broken / "model.onnx"))
+    with pytest.raises(
+        SiteCountError,
+        match=r"insert_sliding_window_attention matched 3 of the 4 sites .* "
+        r"missing layer 2 \(scores / 40 are scaled back by 50",
+    ):
+        optimize(broken, "ort", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_errors_are_one_line(tiny_export, tmp_path) -> None:
+    plain = tiny_export("fp32").model_path
+    with pytest.raises(OptimizeError, match="unknown target"):
+        optimize(plain, "tensorrt", tmp_path / "x")
+    optimize(plain, "ort", tmp_path / "ort")
+    with pytest.raises(OptimizeError, match=r"already optimized \(target ort\); optimize the export instead"):
+        optimize(tmp_path / "ort", "trt", tmp_path / "y")
+    with pytest.raises(OptimizeError, match="not found"):
+        optimize(tmp_path / "nothing.onnx", "trt", tmp_path / "z")
+
+
+def test_cli_optimize_then_verify(tiny_export, tmp_path) -> None:
+    runner = CliRunner()
+    plain = tiny_export("fp32").model_path
+    res = runner.invoke(cli, ["optimize", str(plain), "--target", "trt", "--out", str(tmp_path / "trt")])
+    assert res.exit_code == 0, res.output
+    assert "insert_sliding_window_attention" in res.output
+    res = runner.invoke(cli, ["verify", str(tmp_path / "trt" / "model.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "ok: max |Δlogit|" in res.output and "SlidingWindowAttention" not in res.output
+    bad = runner.invoke(cli, ["optimize", str(plain), "--target", "nope", "--out", str(tmp_path / "n")])
+    assert bad.exit_code != 0
+
+
+def test_verify_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    from export.checkpoint import open_checkpoint
+
+    plain = export_onnx(open_checkpoint(tiny_checkpoint), tmp_path / "export", ExportOptions()).model_path
+    optimize(plain, "ort", tmp_path / "ort")
+    res = CliRunner().invoke(cli, ["verify", str(tmp_path / "ort"), "--checkpoint", str(tiny_checkpoint)])
+    assert res.exit_code == 0, res.output
+    assert str(tiny_checkpoint) in res.output.replace("\n", "")
