@@ -36,7 +36,10 @@ checkpoint_arg = click.argument(
     "checkpoint", required=False, type=click.Path(path_type=Path, file_okay=False, exists=False)
 )
 preset_opt = click.option(
-    "--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True,
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default="tiny",
+    show_default=True,
     help="Random model to use when no CHECKPOINT_DIR is given.",
 )
 seed_opt = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random model.")
@@ -78,9 +81,11 @@ def export_cmd(
     rows = [
         ("model", str(result.model_path)),
         ("source", str(checkpoint) if checkpoint else f"random {preset} (seed {seed})"),
-        ("layers / hidden / heads / kv heads / head_dim",
-         f"{cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.num_attention_heads} / "
-         f"{cfg.num_key_value_heads} / {cfg.head_dim}"),
+        (
+            "layers / hidden / heads / kv heads / head_dim",
+            f"{cfg.num_hidden_layers} / {cfg.hidden_size} / {cfg.num_attention_heads} / "
+            f"{cfg.num_key_value_heads} / {cfg.head_dim}",
+        ),
         ("parameters", f"{cfg.num_params / 1e6:.1f} M"),
         ("dtype / opset", f"{dtype} / {opset}"),
         ("logits", "last position only" if last_logits_only else "every position"),
@@ -98,43 +103,83 @@ def export_cmd(
 @dtype_opt
 @opset_opt
 @seed_opt
+@click.option("--sm", type=int, default=89, show_default=True, help="Compute capability of the TensorRT-RTX engine.")
+@click.option("--no-bench", is_flag=True, help="Skip the closing benchmark.")
 @_one_line_errors
-def pipeline_cmd(checkpoint: Path | None, out: Path, preset: str, dtype: str, opset: int, seed: int) -> None:
-    """The main job: export CHECKPOINT_DIR (or the embedded tiny model) and verify every stage."""
+def pipeline_cmd(
+    checkpoint: Path | None, out: Path, preset: str, dtype: str, opset: int, seed: int, sm: int, no_bench: bool
+) -> None:
+    """The main job: export CHECKPOINT_DIR (or the embedded tiny model), run the graph passes for every
+    target, build a TensorRT-RTX engine and benchmark, verifying every graph against PyTorch."""
     from deploy import console as ui
-    from deploy.pipeline import PipelineOptions, run_pipeline
+    from deploy.pipeline import PipelineOptions, check, run_pipeline
 
-    rows = run_pipeline(checkpoint, out, PipelineOptions(preset=preset, seed=seed, dtype=dtype, opset=opset))
+    options = PipelineOptions(preset=preset, seed=seed, dtype=dtype, opset=opset, sm=sm, bench=not no_bench)
+    rows = run_pipeline(checkpoint, out, options)
     ui.out.print(
-        ui.table("g2trt pipeline", ["stage", "result", "s", "output"],
-                 [(r.stage, r.result, f"{r.seconds:.1f}", r.output) for r in rows])
+        ui.table(
+            "g2trt pipeline",
+            ["stage", "result", "s", "output"],
+            [(r.stage, r.result, f"{r.seconds:.1f}", _relative(r.output, out)) for r in rows],
+        )
     )
-    if any(r.result.startswith("FAIL") for r in rows):
-        raise G2trtError(f"pipeline failed; see {out / 'pipeline.json'}")
+    check(rows, out)
+
+
+def _relative(path: str, base: Path) -> str:
+    p = Path(path)
+    return str(p.relative_to(base)) if p.is_relative_to(base) else path
 
 
 @cli.command("build")
 @click.argument("model", type=click.Path(path_type=Path, exists=False))
-@click.option("--out", "engine", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Engine file to write; its side file ENGINE.json is written beside it.")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
-              help="auto: the full TensorRT where importable and a GPU is present, else TensorRT-RTX.")
-@click.option("--sm", "sms", multiple=True,
-              help="Target compute capability, e.g. 80, 86, 89 (repeat for several; TensorRT-RTX). "
-                   "Default: this GPU, or 89 without one.")
+@click.option(
+    "--out",
+    "engine",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Engine file to write; its side file ENGINE.json is written beside it.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]),
+    default="auto",
+    show_default=True,
+    help="auto: the full TensorRT where importable and a GPU is present, else TensorRT-RTX.",
+)
+@click.option(
+    "--sm",
+    "sms",
+    multiple=True,
+    help="Target compute capability, e.g. 80, 86, 89 (repeat for several; TensorRT-RTX). "
+    "Default: this GPU, or 89 without one.",
+)
 @click.option("--min", "mins", default="", metavar="DIMS", help="Profile minimums, e.g. batch=1,seq=1,past=0.")
 @click.option("--opt", "opts", default="", metavar="DIMS", help="Profile optimum, e.g. batch=1,seq=128,past=512.")
 @click.option("--max", "maxs", default="", metavar="DIMS", help="Profile maximums, e.g. batch=8,seq=512,past=4095.")
-@click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False),
-              help="Timing cache to read and update (full TensorRT).")
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Timing cache to read and update (full TensorRT).",
+)
 @click.option("--plugins", is_flag=True, help="Register g2trt's TensorRT plugins (full TensorRT; for the trt graph).")
 @click.option("--opt-level", type=click.IntRange(0, 5), help="Builder optimization level (default 3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON instead of a table.")
 @click.option("--verbose", is_flag=True, help="Echo TensorRT's log.")
 @_one_line_errors
 def build_cmd(
-    model: Path, engine: Path, backend: str, sms: tuple[str, ...], mins: str, opts: str, maxs: str,
-    timing_cache: Path | None, plugins: bool, opt_level: int | None, as_json: bool, verbose: bool,
+    model: Path,
+    engine: Path,
+    backend: str,
+    sms: tuple[str, ...],
+    mins: str,
+    opts: str,
+    maxs: str,
+    timing_cache: Path | None,
+    plugins: bool,
+    opt_level: int | None,
+    as_json: bool,
+    verbose: bool,
 ) -> None:
     """Build a TensorRT engine from MODEL (an .onnx file or a `g2trt export` directory)."""
     import json
@@ -145,9 +190,15 @@ def build_cmd(
     from deploy.trt_backend import parse_sm
 
     options = BuildOptions(
-        backend=backend, sms=tuple(parse_sm(s) for s in sms), min=parse_dims(mins, "--min"),
-        opt=parse_dims(opts, "--opt"), max=parse_dims(maxs, "--max"), timing_cache=timing_cache,
-        plugins=plugins, optimization_level=opt_level, verbose=verbose,
+        backend=backend,
+        sms=tuple(parse_sm(s) for s in sms),
+        min=parse_dims(mins, "--min"),
+        opt=parse_dims(opts, "--opt"),
+        max=parse_dims(maxs, "--max"),
+        timing_cache=timing_cache,
+        plugins=plugins,
+        optimization_level=opt_level,
+        verbose=verbose,
     )
     with ui.status(f"building {engine.name}"):
         report = build_engine(model, engine, options)
@@ -169,8 +220,12 @@ def build_cmd(
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
 @click.option("--stop", multiple=True, type=int, help="Stop token id (repeat); default: the model's eos ids.")
 @click.option("--no-stop", is_flag=True, help="Always generate --max-new-tokens.")
-@click.option("--cache", default="window", show_default=True,
-              help="KV cache policy: window (sliding layers keep sliding_window-1 entries) or full.")
+@click.option(
+    "--cache",
+    default="window",
+    show_default=True,
+    help="KV cache policy: window (sliding layers keep sliding_window-1 entries) or full.",
+)
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
 @preset_opt
@@ -178,9 +233,23 @@ def build_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
 @_one_line_errors
 def generate_cmd(
-    model: Path | None, backend: str, prompts: tuple[str, ...], ids: tuple[str, ...], max_new_tokens: int,
-    temperature: float, top_k: int, top_p: float, sample_seed: int, stop: tuple[int, ...], no_stop: bool,
-    cache: str, tokenizer: Path | None, threads: int | None, preset: str, seed: int, as_json: bool,
+    model: Path | None,
+    backend: str,
+    prompts: tuple[str, ...],
+    ids: tuple[str, ...],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    sample_seed: int,
+    stop: tuple[int, ...],
+    no_stop: bool,
+    cache: str,
+    tokenizer: Path | None,
+    threads: int | None,
+    preset: str,
+    seed: int,
+    as_json: bool,
 ) -> None:
     """Generate text from MODEL (checkpoint dir, ONNX or engine; none: the random --preset)."""
     from deploy.generate import GenerationConfig
@@ -188,18 +257,35 @@ def generate_cmd(
     from deploy.sampling import SamplingConfig
 
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature, top_k, top_p, sample_seed),
-        stop_tokens=() if no_stop else (stop or None), cache=cache,  # type: ignore[arg-type]
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature, top_k, top_p, sample_seed),
+        stop_tokens=() if no_stop else (stop or None),
+        cache=cache,  # type: ignore[arg-type]
     )
-    result = run_generate(model, backend, prompts=prompts, ids=ids, config=config, tokenizer=tokenizer,
-                          preset=preset, seed=seed, threads=threads)
+    result = run_generate(
+        model,
+        backend,
+        prompts=prompts,
+        ids=ids,
+        config=config,
+        tokenizer=tokenizer,
+        preset=preset,
+        seed=seed,
+        threads=threads,
+    )
     print_output(result, as_json)
 
 
 @cli.command("bench")
 @checkpoint_arg
-@click.option("--out", "out", default="g2trt-bench", show_default=True,
-              type=click.Path(path_type=Path, file_okay=False), help="Directory for bench.json, .md and .png.")
+@click.option(
+    "--out",
+    "out",
+    default="g2trt-bench",
+    show_default=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory for bench.json, .md and .png.",
+)
 @click.option("--backends", default="torch,ort-plain,ort,trt,ort-genai", show_default=True)
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes, comma separated.")
 @click.option("--prompt", "prompts", default="128,512", show_default=True, help="Prompt lengths, comma separated.")
@@ -213,16 +299,32 @@ def generate_cmd(
 @click.option("--keep-work", is_flag=True, help="Keep the exported models under OUT/work.")
 @_one_line_errors
 def bench_cmd(
-    checkpoint: Path | None, out: Path, backends: str, batches: str, prompts: str, new_tokens: int, warmup: int,
-    repeats: int, threads: int | None, baseline: str, preset: str, seed: int, keep_work: bool,
+    checkpoint: Path | None,
+    out: Path,
+    backends: str,
+    batches: str,
+    prompts: str,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+    baseline: str,
+    preset: str,
+    seed: int,
+    keep_work: bool,
 ) -> None:
     """Time every backend on CHECKPOINT_DIR (or the random --preset), interleaved, against onnxruntime."""
     from deploy.bench import BenchSettings, parse_list, print_tables, run
 
     settings = BenchSettings(
-        backends=tuple(parse_list(backends, "--backends", str)), batches=tuple(parse_list(batches, "--batch", int)),
-        prompts=tuple(parse_list(prompts, "--prompt", int)), new_tokens=new_tokens, warmup=warmup, repeats=repeats,
-        threads=threads, baseline=baseline,
+        backends=tuple(parse_list(backends, "--backends", str)),
+        batches=tuple(parse_list(batches, "--batch", int)),
+        prompts=tuple(parse_list(prompts, "--prompt", int)),
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+        baseline=baseline,
     )
     result, paths = run(checkpoint, settings, out, preset=preset, seed=seed, keep_work=keep_work)
     print_tables(result, paths)
@@ -230,34 +332,62 @@ def bench_cmd(
 
 @cli.command("package")
 @click.argument("model", type=click.Path(path_type=Path, exists=False))
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Triton model repository to write into.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Triton model repository to write into.",
+)
 @click.option("--name", default="gemma2", show_default=True, help="Model name (its directory in the repository).")
 @click.option("--max-batch-size", type=int, default=8, show_default=True)
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
 @click.option("--kind", default="auto", show_default=True, help="Instance kind: auto, gpu or cpu.")
 @click.option("--max-queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batcher delay.")
 @click.option("--no-dynamic-batching", is_flag=True)
-@click.option("--plugin-library", "plugin_libraries", multiple=True,
-              help="A TensorRT plugin .so the server must load (not needed for g2trt's AOT plugins).")
+@click.option(
+    "--plugin-library",
+    "plugin_libraries",
+    multiple=True,
+    help="A TensorRT plugin .so the server must load (not needed for g2trt's AOT plugins).",
+)
 @_one_line_errors
 def package_cmd(
-    model: Path, out: Path, name: str, max_batch_size: int, instances: int, kind: str, max_queue_delay_us: int,
-    no_dynamic_batching: bool, plugin_libraries: tuple[str, ...],
+    model: Path,
+    out: Path,
+    name: str,
+    max_batch_size: int,
+    instances: int,
+    kind: str,
+    max_queue_delay_us: int,
+    no_dynamic_batching: bool,
+    plugin_libraries: tuple[str, ...],
 ) -> None:
     """Write a Triton Inference Server repository for MODEL (an ONNX model or a TensorRT engine)."""
     from deploy.package import package, print_result
 
-    result = package(model, out, name=name, max_batch_size=max_batch_size, instances=instances, kind=kind,
-                     max_queue_delay_us=max_queue_delay_us, dynamic_batching=not no_dynamic_batching,
-                     plugin_libraries=plugin_libraries)
+    result = package(
+        model,
+        out,
+        name=name,
+        max_batch_size=max_batch_size,
+        instances=instances,
+        kind=kind,
+        max_queue_delay_us=max_queue_delay_us,
+        dynamic_batching=not no_dynamic_batching,
+        plugin_libraries=plugin_libraries,
+    )
     print_result(result)
 
 
 @cli.command("optimize")
 @click.argument("model", type=click.Path(path_type=Path, exists=True))
-@click.option("--target", type=click.Choice(["trt", "ort", "trt-native"]), required=True,
-              help="trt: g2trt plugin nodes; ort: onnxruntime contrib ops; trt-native: stock TensorRT ops.")
+@click.option(
+    "--target",
+    type=click.Choice(["trt", "ort", "trt-native"]),
+    required=True,
+    help="trt: g2trt plugin nodes; ort: onnxruntime contrib ops; trt-native: stock TensorRT ops.",
+)
 @out_opt
 @click.option("--debug", is_flag=True, help="Print why each rejected candidate did not match.")
 @_one_line_errors
@@ -272,16 +402,22 @@ def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
     report = optimize(model, target, out, debug=debug)
     rows = [*report.rows(), ("total", "", "", f"{report.nodes_before} -> {report.nodes_after}")]
-    ui.out.print(ui.table(f"g2trt optimize --target {target}: {report.model_path}",
-                          ["pass", "sites", "expected", "nodes"], rows))
+    ui.out.print(
+        ui.table(f"g2trt optimize --target {target}: {report.model_path}", ["pass", "sites", "expected", "nodes"], rows)
+    )
 
 
 @cli.command("verify")
 @click.argument("model", type=click.Path(path_type=Path, exists=True))
-@click.option("--checkpoint", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
-              help="HF checkpoint of MODEL's weights (default: the source its manifest records).")
-@click.option("--max-len", type=click.IntRange(16), default=512, show_default=True,
-              help="Cap on the 'longer than window' prompt.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="HF checkpoint of MODEL's weights (default: the source its manifest records).",
+)
+@click.option(
+    "--max-len", type=click.IntRange(16), default=512, show_default=True, help="Cap on the 'longer than window' prompt."
+)
 @_one_line_errors
 def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
     """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
@@ -290,8 +426,13 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
 
     v = verify_model(model, checkpoint, max_len=max_len)
     rows = [(d.case, d.step, d.max_abs_diff, d.ref_max_abs) for d in v.report.diffs]
-    ui.out.print(ui.table(f"g2trt verify {v.model} ({v.target}, {v.dtype}) vs PyTorch fp32, weights: {v.source}",
-                          ["case", "step", "max |Δlogit|", "max |logit|"], rows))
+    ui.out.print(
+        ui.table(
+            f"g2trt verify {v.model} ({v.target}, {v.dtype}) vs PyTorch fp32, weights: {v.source}",
+            ["case", "step", "max |Δlogit|", "max |logit|"],
+            rows,
+        )
+    )
     verdict = "ok" if v.ok else "FAIL"
     ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)} (bound {v.bound:g})")
     if not v.ok:
@@ -303,8 +444,13 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
 @out_opt
 @preset_opt
 @dtype_opt
-@click.option("--sm", "sms", multiple=True, type=click.Choice(["80", "86", "89", "90"]),
-              help="Target compute capability (repeat; default: all four).")
+@click.option(
+    "--sm",
+    "sms",
+    multiple=True,
+    type=click.Choice(["80", "86", "89", "90"]),
+    help="Target compute capability (repeat; default: all four).",
+)
 @_one_line_errors
 def kernels_cmd(checkpoint: Path | None, out: Path, preset: str, dtype: str, sms: tuple[str, ...]) -> None:
     """Compile the plugin kernels a model needs to cubin + PTX for each target (no GPU needed): OUT/kernels.json."""

@@ -1,7 +1,17 @@
-"""The main job: checkpoint (or the embedded tiny model) -> verified ONNX -> ... one call, one report.
+"""The main job: checkpoint (or the embedded tiny model) -> verified ONNX -> three verified targets ->
+TensorRT engine -> benchmark, in one call with one summary.
 
-Each stage writes into its own folder under the output directory and returns a row for the summary.
-Later stages (graph passes, engine build, benchmark) append to `STAGES` in order.
+Layout under the output directory:
+
+    onnx/         the export (model.onnx + data + manifest.json)
+    trt/ ort/ trt-native/   one folder per graph-pass target (model, manifest, passes.txt/json)
+    engine/       model.engine + model.engine.json (TensorRT-RTX, ahead of time)
+    bench/        bench.json / bench.md / bench.png
+    pipeline.json every stage's row, as the table shows them
+
+Every graph is verified against the same fp32 PyTorch model of the same weights; a verification over
+its bound fails the pipeline. Stages this machine cannot run (a missing TensorRT, bf16 in
+onnxruntime) are reported as skipped with the reason, never faked.
 """
 
 from __future__ import annotations
@@ -9,17 +19,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deploy import console as ui
-from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
-from deploy.verify import TOLERANCE, Report, compare, parity_cases
+from deploy.verify_model import Verification, verify_model
 from export.atomic import atomic_file
 from export.checkpoint import weight_bytes
-from export.onnx_export import ExportOptions, ExportResult, export_onnx
-from export.weights import WeightSource, load_model, open_weights
+from export.errors import G2trtError
+from export.onnx_export import ExportOptions, export_onnx
+from export.weights import load_model, open_weights
+
+TARGETS = ("trt", "ort", "trt-native")
+_SITES = {  # the fusions every target starts with (passes.txt has the full list)
+    "fuse_rmsnorm": "norms",
+    "fuse_sandwich_norm": "sandwiches",
+    "insert_sliding_window_attention": "attention",
+    "insert_softcap": "soft-cap",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,55 +47,126 @@ class PipelineOptions:
     seed: int = 0
     dtype: str = "fp32"
     opset: int = 18
+    sm: int = 89  # TensorRT-RTX target compute capability of the engine
+    bench: bool = True
     verify_max_len: int = 512  # cap on the "longer than window" case (real windows are 4096)
 
 
 @dataclasses.dataclass
 class StageRow:
     stage: str
-    result: str
+    result: str  # "ok: ...", "FAIL: ..." or "skipped: ..."
     seconds: float
     output: str
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-
-def export_stage(source: WeightSource, out: Path, options: PipelineOptions) -> tuple[StageRow, ExportResult]:
-    total = weight_bytes(source.config, options.dtype)
-    with ui.weight_progress(total, "export") as advance:
-        result = export_onnx(source, out / "onnx", ExportOptions(dtype=options.dtype, opset=options.opset), advance)  # type: ignore[arg-type]
-    size = sum(p.stat().st_size for p in (out / "onnx").glob("model.onnx*"))
-    row = StageRow("export", "ok", result.seconds, str(result.model_path), {"bytes": size})
-    return row, result
+    @property
+    def failed(self) -> bool:
+        return self.result.startswith("FAIL")
 
 
-def verify_stage(source: WeightSource, model_path: Path, options: PipelineOptions) -> tuple[StageRow, Report]:
+def _timed(stage: str, fn: Callable[[], tuple[str, str, dict[str, Any]]]) -> StageRow:
     start = time.perf_counter()
-    cfg = source.config
-    reference = TorchRunner(load_model(source, "fp32"), name="torch fp32")
-    candidate = OrtRunner(model_path, cfg, name=f"ort {options.dtype}")
-    report = compare(reference, candidate, parity_cases(cfg, options.seed, options.verify_max_len))
-    bound = TOLERANCE[options.dtype]
-    ok = report.worst <= bound
-    row = StageRow(
-        "verify onnx",
-        f"{'ok' if ok else 'FAIL'}: max|Δlogit| prefill {ui.fmt(report.prefill)}, decode {ui.fmt(report.decode)}"
-        f" (bound {bound:g})",
-        time.perf_counter() - start,
-        str(model_path),
-        {"prefill": report.prefill, "decode": report.decode, "bound": bound, "ok": ok},
-    )
-    return row, report
+    result, output, details = fn()
+    return StageRow(stage, result, time.perf_counter() - start, output, details)
+
+
+def _verified(v: Verification) -> tuple[str, str, dict[str, Any]]:
+    r = v.report
+    verdict = "ok" if v.ok else "FAIL"
+    text = f"{verdict}: max|Δlogit| prefill {ui.fmt(r.prefill)}, decode {ui.fmt(r.decode)} (bound {v.bound:g})"
+    return text, str(v.model), {"prefill": r.prefill, "decode": r.decode, "bound": v.bound, "ok": v.ok}
 
 
 def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: PipelineOptions) -> list[StageRow]:
     out = Path(out)
     source = open_weights(checkpoint, options.preset, options.seed)
     rows: list[StageRow] = []
-    row, exported = export_stage(source, out, options)
-    rows.append(row)
-    with ui.status("verifying the ONNX export against PyTorch"):
-        row, _ = verify_stage(source, exported.model_path, options)
-    rows.append(row)
+
+    with ui.weight_progress(weight_bytes(source.config, options.dtype), "export") as advance:
+        exported = export_onnx(
+            source,
+            out / "onnx",
+            ExportOptions(dtype=options.dtype, opset=options.opset),
+            advance,  # type: ignore[arg-type]
+        )
+    size = sum(p.stat().st_size for p in (out / "onnx").glob("model.onnx*"))
+    rows.append(StageRow("export", f"ok: {ui.human_bytes(size)}", exported.seconds, str(exported.model_path)))
+
+    reference = TorchRunner(load_model(source, "fp32"), name="torch fp32")
+
+    def verify(model: Path) -> tuple[str, str, dict[str, Any]]:
+        if options.dtype == "bf16":
+            return "skipped: onnxruntime's CPU provider has no bf16 kernels", str(model), {}
+        return _verified(verify_model(model, checkpoint, reference=reference, max_len=options.verify_max_len))
+
+    with ui.status("verifying the export against PyTorch"):
+        rows.append(_timed("verify export", lambda: verify(exported.model_path)))
+
+    from graph_passes import optimize
+
+    optimized: dict[str, Path] = {}
+    for target in TARGETS:
+        with ui.status(f"graph passes: {target}"):
+            report = optimize(exported.model_path, target, out / target)
+        optimized[target] = Path(report.model_path)
+        counts = {p.name: p.count for p in report.passes}
+        sites = ", ".join(f"{label} {counts[name]}" for name, label in _SITES.items() if name in counts)
+        text = f"ok: {report.nodes_before} -> {report.nodes_after} nodes; {sites}"
+        rows.append(StageRow(f"optimize {target}", text, report.seconds, report.model_path))
+        with ui.status(f"verifying {target} against PyTorch"):
+            rows.append(_timed(f"verify {target}", lambda p=optimized[target]: verify(p)))  # type: ignore[misc]
+
+    with ui.status(f"building a TensorRT-RTX engine for SM {options.sm}"):
+        rows.append(_timed("build engine", lambda: _build(optimized["trt-native"], out / "engine", options.sm)))
+
+    if options.bench:
+        rows.append(_timed("bench", lambda: _bench(checkpoint, out, options, exported.model_path, optimized["ort"])))
+
     with atomic_file(out / "pipeline.json") as tmp:
         tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
+
+
+def _build(model: Path, out: Path, sm: int) -> tuple[str, str, dict[str, Any]]:
+    from deploy.build import BuildOptions, build_engine
+    from deploy.trt_backend import BackendMissingError
+
+    engine = out / "model.engine"
+    try:
+        report = build_engine(model, engine, BuildOptions(backend="tensorrt-rtx", sms=(sm,)))
+    except BackendMissingError as e:
+        return f"skipped: {e}", str(engine), {}
+    size = ui.human_bytes(report.engine.stat().st_size)
+    text = f"ok: {report.meta.backend} {report.meta.trt_version}, SM {sm}, {report.layers_total} layers, {size}"
+    return text, str(report.engine), report.build_json()
+
+
+def _bench(
+    checkpoint: str | Path | None, out: Path, options: PipelineOptions, plain: Path, ort: Path
+) -> tuple[str, str, dict[str, Any]]:
+    """A short benchmark of every backend this machine has (the full one is `g2trt bench`)."""
+    from deploy.bench import BenchSettings, print_tables, run
+
+    settings = BenchSettings(
+        batches=(1,), prompts=(32,), new_tokens=8, warmup=1, repeats=3, dtype=options.dtype, seed=options.seed
+    )
+    result, paths = run(
+        checkpoint,
+        settings,
+        out / "bench",
+        preset=options.preset,
+        seed=options.seed,
+        artifacts={"ort-plain": str(plain), "ort": str(ort)},
+    )
+    print_tables(result, paths)
+    ran = [b.backend for b in result.backends if b.status == "ok"]
+    others = [f"{b.backend} {b.status}" for b in result.backends if b.status != "ok"]
+    text = f"ok: {', '.join(ran)} measured" + (f"; {', '.join(others)} (reasons above)" if others else "")
+    return text, str(out / "bench"), {"backends": {b.backend: b.status for b in result.backends}}
+
+
+def check(rows: list[StageRow], out: Path) -> None:
+    failed = [r.stage for r in rows if r.failed]
+    if failed:
+        raise G2trtError(f"pipeline failed at {', '.join(failed)}; see {out / 'pipeline.json'}")
