@@ -20,6 +20,7 @@ from graph_passes import (
     lower_attention_ort,
     lower_rmsnorm_ort,
     lower_sandwich_ort,
+    lower_tied_head_ort,
 )
 from graph_passes.driver import Pass
 
@@ -42,6 +43,7 @@ TARGETS: dict[str, tuple[Pass, ...]] = {
         lower_sandwich_ort.PASS,  # -> SimplifiedLayerNormalization + SkipSimplifiedLayerNormalization
         lower_rmsnorm_ort.PASS,  # -> SimplifiedLayerNormalization
         lower_attention_ort.PASS,  # -> RotaryEmbedding + GroupQueryAttention (softcap, local_window_size)
+        lower_tied_head_ort.PASS,  # tied head: Gemm(transB) on the embedding, no transposed copy
     ),
     # Stock TensorRT / TensorRT-RTX, no plugins: the fused nodes expanded to the standard ops TensorRT
     # fuses itself, in one canonical form whatever the exporter wrote (and GQA without a KV Expand).

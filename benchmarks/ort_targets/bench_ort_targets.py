@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "GELU -> FastGelu": ("fuse_gelu_ort",),
     "attention -> GroupQueryAttention": ("insert_sliding_window_attention", "lower_attention_ort"),
     "attention -> decomposed GQA": ("insert_sliding_window_attention", "expand_attention"),
+    "tied head -> Gemm(transB)": ("lower_tied_head_ort",),
     "ort": (),  # the full `ort` target
 }
 

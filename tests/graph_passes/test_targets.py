@@ -18,7 +18,14 @@ def test_the_order_of_every_target() -> None:
     names = {t: [p.name for p in passes] for t, passes in TARGETS.items()}
     assert names == {
         "trt": [*FUSIONS, "insert_softcap", "expand_rmsnorm"],
-        "ort": [*FUSIONS, "fuse_gelu_ort", "lower_sandwich_ort", "lower_rmsnorm_ort", "lower_attention_ort"],
+        "ort": [
+            *FUSIONS,
+            "fuse_gelu_ort",
+            "lower_sandwich_ort",
+            "lower_rmsnorm_ort",
+            "lower_attention_ort",
+            "lower_tied_head_ort",
+        ],
         "trt-native": [
             *FUSIONS,
             "insert_softcap",
