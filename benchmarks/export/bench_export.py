@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -64,7 +65,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
+    ap.add_argument("--render-only", action="store_true", help="re-write the .md from the .json of a run")
     args = ap.parse_args()
+    if args.render_only:
+        rows = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.write_text(render(rows, args.baseline))
+        return
     plan = [
         ("tiny", "fp32", 0, "g2trt"),
         ("tiny", "fp16", 0, "g2trt"),
@@ -84,11 +90,27 @@ def main() -> None:
         r = run(name, dtype, vocab, mode)
         rows.append({"model": name, "vocab": vocab or "preset", "dtype": dtype, "route": mode, **r})
         print(rows[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+    (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.write_text(render(rows, args.baseline))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def render(rows: list[dict], baseline: bool) -> str:
     lines = [
         "# Export time and peak memory",
         "",
-        f"Command: `python benchmarks/export/bench_export.py{' --baseline' if args.baseline else ''}`  ",
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, 24 GiB, Python "
+        f"Command: `python benchmarks/export/bench_export.py{' --baseline' if baseline else ''}`  ",
+        f"Machine: {_cpu()}, {os.cpu_count()} cores, 24 GiB, Python "
         f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}  ",
         "One run per row (an export takes seconds to minutes). Peak RSS is the export subprocess's own",
         "high-water mark (ru_maxrss), interpreter and libraries included.",
@@ -102,11 +124,17 @@ def main() -> None:
             continue
         peak = f"{r['peak_rss_gib']:.2f}"
         lines.append(
-            f"| {r['model']} | {r['vocab']} | {r['dtype']} | {r['route']} | {r['params'] / 1e9:.2f} B | "
+            f"| {r['model']} | {r['vocab']} | {r['dtype']} | {r['route']} | {_params(r['params'])} | "
             f"{r['seconds']:.1f} | {peak} | {r['bytes'] / 2**30:.2f} |"
         )
-    args.out.write_text("\n".join(lines) + "\n")
-    (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=2) + "\n")
+    lines += [
+        "",
+        "The streaming route holds about two copies of the largest tensor at once (read, then converted): with",
+        "Gemma's 256k x 2304 embedding that is ~5 GiB whatever the depth of the model; with a 32k vocab the",
+        "same 2B-shaped export peaks at 1.15 GiB where the in-memory route needs 8.5 GiB, at the same speed.",
+        "So the peak follows the largest tensor, not the model's size (9B/27B exports were not run here).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
