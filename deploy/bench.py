@@ -18,12 +18,9 @@ Method (say it with the numbers):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.bench_report import machine_info, write_results
 from export.config import Gemma2Config, config_from_hf_dict
 from export.errors import G2trtError
 
@@ -426,169 +424,9 @@ def aggregate(
     return rows
 
 
-_VERSIONED = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "tensorrt", "tensorrt_rtx_cu13_bindings")
-
-
-def machine_info() -> dict[str, Any]:
-    import importlib.metadata
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for pkg in _VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[pkg] = importlib.metadata.version(pkg)
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    mem = None
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem, 1) if mem else None,
-        "gpu": gpu,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
 def _describe(cfg: Gemma2Config) -> str:
     c = cfg
     return f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, window {c.sliding_window}"
-
-
-# --- output ------------------------------------------------------------------------------------------
-
-
-def write_results(result: BenchResult, out: Path, stem: str = "bench") -> dict[str, Path]:
-    """`stem`.json and `stem`.png (and `stem`.md, the table as Markdown) under `out`, each written atomically."""
-    from deploy.bench_plot import plot
-    from export.atomic import atomic_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    with atomic_file(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    with atomic_file(paths["md"]) as tmp:
-        tmp.write_text(markdown(result))
-    with atomic_file(paths["png"]) as tmp:
-        plot(result, tmp)
-    return paths
-
-
-COLUMNS = (
-    "backend",
-    "batch",
-    "prompt",
-    "TTFT ms p50",
-    "p90",
-    "decode tok/s p50",
-    "step ms p50",
-    "p90",
-    "KV MiB",
-    "TTFT x",
-    "decode x",
-    "tokens = ",
-)
-
-
-def table_rows(result: BenchResult) -> list[list[str]]:
-    def f(v: float | None, digits: int = 3) -> str:
-        return "-" if v is None else f"{v:.{digits}g}"
-
-    rows = []
-    for r in result.rows:
-        agree = "-" if r.agree is None else f"{r.agree:.0%} {r.agree_with}"
-        rows.append(
-            [
-                r.backend,
-                str(r.batch),
-                str(r.prompt),
-                f(r.ttft_ms_p50),
-                f(r.ttft_ms_p90),
-                f(r.decode_tok_s_p50, 4),
-                f(r.step_ms_p50),
-                f(r.step_ms_p90),
-                f(r.kv_mib),
-                f(r.ttft_speedup),
-                f(r.decode_speedup),
-                agree,
-            ]
-        )
-    return rows
-
-
-def backend_rows(result: BenchResult) -> list[list[str]]:
-    def mib(v: float | None) -> str:
-        return "-" if v is None else f"{v:.0f}"
-
-    return [
-        [
-            b.backend,
-            b.status,
-            mib(b.base_rss_mib),
-            mib(b.peak_rss_mib),
-            mib(b.peak_gpu_mib),
-            "-" if b.load_s is None else f"{b.load_s:.1f}",
-            b.reason or b.artifact,
-        ]
-        for b in result.backends
-    ]
-
-
-BACKEND_COLUMNS = ("backend", "status", "base RSS MiB", "peak RSS MiB", "peak GPU MiB", "load s", "reason / artifact")
-
-
-def markdown(result: BenchResult) -> str:
-    s = result.settings
-    lines = [
-        f"# g2trt bench: {result.model}",
-        "",
-        f"{result.machine.get('cpu')}, {result.machine.get('cores')} cores"
-        + (f", GPU {result.machine['gpu']}" if result.machine.get("gpu") else ", no GPU")
-        + f"; {s.dtype}, {s.new_tokens} new tokens, {s.warmup} warm-up + {s.repeats} timed rounds, "
-        f"threads {s.threads or result.machine.get('cores')}; speedups (x) against {s.baseline}.",
-        "",
-        _md_table(COLUMNS, table_rows(result)),
-        "",
-        _md_table(BACKEND_COLUMNS, backend_rows(result)),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def print_tables(result: BenchResult, paths: dict[str, Path] | None = None) -> None:
-    """The results table and the per-backend table on stdout; why a backend did not run, one line each."""
-    from deploy import console as ui
-
-    title = f"g2trt bench: {result.model} (x = speedup against {result.settings.baseline})"
-    ui.out.print(ui.table(title, COLUMNS, table_rows(result)))
-    ui.out.print(ui.table("backends", BACKEND_COLUMNS[:-1], [r[:-1] for r in backend_rows(result)]))
-    for b in result.backends:
-        if b.status != "ok":
-            ui.out.print(f"{b.backend} {b.status}: {b.reason}", markup=False, highlight=False)
-    if paths:
-        ui.out.print("results: " + ", ".join(str(p) for p in paths.values()), markup=False, highlight=False)
 
 
 def parse_list(text: str, option: str, kind: type) -> list[Any]:

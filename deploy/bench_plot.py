@@ -38,7 +38,8 @@ def plot(result: Any, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_yscale("log")
-    axes[1].legend(fontsize=8)
+    handles, names = axes[1].get_legend_handles_labels()  # below the plots: never over a bar
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     s = result.settings
     skipped = [f"{b.backend} ({b.status})" for b in result.backends if b.status != "ok"]
     title = f"{result.model}: {s.new_tokens} new tokens, {s.dtype}, {result.machine.get('cores')} cores"
@@ -47,6 +48,6 @@ def plot(result: Any, path: Path) -> None:
     if skipped:
         title += "\nnot run: " + ", ".join(skipped)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -114,7 +114,7 @@ def pipeline_cmd(
     from deploy import console as ui
     from deploy.pipeline import PipelineOptions, check, run_pipeline
 
-    options = PipelineOptions(preset=preset, seed=seed, dtype=dtype, opset=opset, sm=sm, bench=not no_bench)
+    options = PipelineOptions(preset=preset, seed=seed, dtype=dtype, opset=opset, sm=sm, bench=not no_bench)  # type: ignore[arg-type]  # click.Choice
     rows = run_pipeline(checkpoint, out, options)
     ui.out.print(
         ui.table(
@@ -314,7 +314,8 @@ def bench_cmd(
     keep_work: bool,
 ) -> None:
     """Time every backend on CHECKPOINT_DIR (or the random --preset), interleaved, against onnxruntime."""
-    from deploy.bench import BenchSettings, parse_list, print_tables, run
+    from deploy.bench import BenchSettings, parse_list, run
+    from deploy.bench_report import print_tables
 
     settings = BenchSettings(
         backends=tuple(parse_list(backends, "--backends", str)),

@@ -29,7 +29,7 @@ from deploy.verify_model import Verification, verify_model
 from export.atomic import atomic_file
 from export.checkpoint import weight_bytes
 from export.errors import G2trtError
-from export.onnx_export import ExportOptions, export_onnx
+from export.onnx_export import DType, ExportOptions, export_onnx
 from export.weights import load_model, open_weights
 
 TARGETS = ("trt", "ort", "trt-native")
@@ -45,7 +45,7 @@ _SITES = {  # the fusions every target starts with (passes.txt has the full list
 class PipelineOptions:
     preset: str = "tiny"
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: DType = "fp32"
     opset: int = 18
     sm: int = 89  # TensorRT-RTX target compute capability of the engine
     bench: bool = True
@@ -84,12 +84,7 @@ def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: Pipeli
     rows: list[StageRow] = []
 
     with ui.weight_progress(weight_bytes(source.config, options.dtype), "export") as advance:
-        exported = export_onnx(
-            source,
-            out / "onnx",
-            ExportOptions(dtype=options.dtype, opset=options.opset),
-            advance,  # type: ignore[arg-type]
-        )
+        exported = export_onnx(source, out / "onnx", ExportOptions(dtype=options.dtype, opset=options.opset), advance)
     size = sum(p.stat().st_size for p in (out / "onnx").glob("model.onnx*"))
     rows.append(StageRow("export", f"ok: {ui.human_bytes(size)}", exported.seconds, str(exported.model_path)))
 
@@ -146,7 +141,8 @@ def _bench(
     checkpoint: str | Path | None, out: Path, options: PipelineOptions, plain: Path, ort: Path
 ) -> tuple[str, str, dict[str, Any]]:
     """A short benchmark of every backend this machine has (the full one is `g2trt bench`)."""
-    from deploy.bench import BenchSettings, print_tables, run
+    from deploy.bench import BenchSettings, run
+    from deploy.bench_report import print_tables
 
     settings = BenchSettings(
         batches=(1,), prompts=(32,), new_tokens=8, warmup=1, repeats=3, dtype=options.dtype, seed=options.seed

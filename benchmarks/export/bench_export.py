@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from deploy.bench_report import machine_info
 
 CHILD = r"""
 import json, resource, sys, time
@@ -94,23 +96,17 @@ def main() -> None:
     args.out.write_text(render(rows, args.baseline))
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def _params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
 def render(rows: list[dict], baseline: bool) -> str:
+    m = machine_info()
     lines = [
         "# Export time and peak memory",
         "",
         f"Command: `python benchmarks/export/bench_export.py{' --baseline' if baseline else ''}`  ",
-        f"Machine: {_cpu()}, {os.cpu_count()} cores, 24 GiB, Python "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python "
         f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}  ",
         "One run per row (an export takes seconds to minutes). Peak RSS is the export subprocess's own",
         "high-water mark (ru_maxrss), interpreter and libraries included.",

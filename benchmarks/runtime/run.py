@@ -33,8 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from deploy import kv_cache  # noqa: E402
-from deploy.bench import BenchSettings, machine_info, print_tables  # noqa: E402
+from deploy.bench import BenchSettings  # noqa: E402
 from deploy.bench import run as run_bench  # noqa: E402
+from deploy.bench_report import machine_info, print_tables  # noqa: E402
 from export.atomic import atomic_file  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 
