@@ -11,18 +11,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from export.config import Gemma2Config
-from graph_passes import labels, primitives
+from graph_passes import primitives
 from graph_passes.driver import Pass, Site
-from graph_passes.fuse_rmsnorm import OP
-from graph_passes.graph import INTERNAL_DOMAIN, PassGraph
-from graph_passes.match import Reject
-
-
-def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
-    if node.domain != INTERNAL_DOMAIN:
-        raise Reject(f"{node.name} is not the internal RMSNorm")
-    return Site(labels.norm_label(g, node), [node], node)
+from graph_passes.fuse_rmsnorm import OP, match_fused
+from graph_passes.graph import PassGraph
 
 
 def rewrite(g: PassGraph, site: Site) -> None:
@@ -36,5 +28,5 @@ def rewrite(g: PassGraph, site: Site) -> None:
     g.produce_into(y, out, node)
 
 
-PASS = Pass(name="expand_rmsnorm", anchors=(OP,), match=match, rewrite=rewrite, doc=__doc__ or "")
+PASS = Pass(name="expand_rmsnorm", anchors=(OP,), match=match_fused, rewrite=rewrite, doc=__doc__ or "")
 run = PASS.__call__

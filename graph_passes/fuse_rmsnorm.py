@@ -103,6 +103,13 @@ def rewrite(g: PassGraph, site: Site) -> None:
     g.node(OP, [n.x, n.scale], [n.out], like=site.nodes[0], domain=INTERNAL_DOMAIN, epsilon=n.epsilon)
 
 
+def match_fused(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
+    """The match of the passes that lower this pass's RMSNorm node (expand_rmsnorm, lower_rmsnorm_ort)."""
+    if node.domain != INTERNAL_DOMAIN:
+        raise Reject(f"{node.name} is not the internal RMSNorm")
+    return Site(labels.norm_label(g, node), [node], node)
+
+
 def _label(g: PassGraph, node: gs.Node) -> str | None:
     return labels.norm_label(g, node)
 

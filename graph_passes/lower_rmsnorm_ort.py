@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from export.config import Gemma2Config
-from graph_passes import labels
 from graph_passes.driver import Pass, Site
-from graph_passes.fuse_rmsnorm import OP
-from graph_passes.graph import INTERNAL_DOMAIN, PassGraph
-from graph_passes.match import Reject
+from graph_passes.fuse_rmsnorm import OP, match_fused
+from graph_passes.graph import PassGraph
 
 ORT_OP = "SimplifiedLayerNormalization"
-
-
-def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
-    if node.domain != INTERNAL_DOMAIN:
-        raise Reject(f"{node.name} is not the internal RMSNorm")
-    return Site(labels.norm_label(g, node), [node], node)
 
 
 def rewrite(g: PassGraph, site: Site) -> None:
@@ -34,5 +25,5 @@ def rewrite(g: PassGraph, site: Site) -> None:
     g.node(ORT_OP, [x, scale], [out], like=node, axis=-1, epsilon=float(node.attrs["epsilon"]), stash_type=1)
 
 
-PASS = Pass(name="lower_rmsnorm_ort", anchors=(OP,), match=match, rewrite=rewrite, doc=__doc__ or "")
+PASS = Pass(name="lower_rmsnorm_ort", anchors=(OP,), match=match_fused, rewrite=rewrite, doc=__doc__ or "")
 run = PASS.__call__

@@ -43,7 +43,13 @@ def test_the_main_job_runs_as_the_readme_says(tmp_path: Path) -> None:
     for s in ("verify export", "verify trt", "verify ort", "verify trt-native"):
         assert rows[s]["result"].startswith("ok") and rows[s]["details"]["ok"], rows[s]
     assert rows["build engine"]["result"].startswith("ok"), rows["build engine"]  # TensorRT-RTX is in [rtx]
-    for path in ("onnx/model.onnx", "trt/model.onnx", "ort/model.onnx", "trt-native/model.onnx",
-                 "engine/model.engine", "bench/bench.json"):
+    for path in (
+        "onnx/model.onnx",
+        "trt/model.onnx",
+        "ort/model.onnx",
+        "trt-native/model.onnx",
+        "engine/model.engine",
+        "bench/bench.json",
+    ):
         assert (out / path).is_file(), path
     assert "g2trt pipeline" in done.stdout

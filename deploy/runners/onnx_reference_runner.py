@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from deploy.runners.base import KVCache, zeros_past
+from deploy.runners.base import KVCache, contract_feeds, split_outputs, zeros_past
 from export import io_contract as io
 from export.config import Gemma2Config
 
@@ -36,9 +36,5 @@ class OnnxReferenceRunner:
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
     ) -> tuple[np.ndarray, KVCache]:
-        feeds = {io.INPUT_IDS: input_ids, io.ATTENTION_MASK: attention_mask, io.POSITION_IDS: position_ids}
-        for i, (k, v) in enumerate(past):
-            feeds[io.past_name(i, "key")] = k
-            feeds[io.past_name(i, "value")] = v
-        out: list[np.ndarray] = self.evaluator.run(None, feeds)  # type: ignore[assignment]  # a list for names=None
-        return out[0], [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
+        feeds = contract_feeds(input_ids, attention_mask, position_ids, past)
+        return split_outputs(self.evaluator.run(None, feeds))  # type: ignore[arg-type]  # a list for names=None

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from deploy.runners.base import KVCache, zeros_past
+from deploy.runners.base import KVCache, contract_feeds, split_outputs, zeros_past
 from export import io_contract as io
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -59,13 +59,8 @@ class OrtRunner:
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
     ) -> tuple[np.ndarray, KVCache]:
-        feeds = {io.INPUT_IDS: input_ids, io.ATTENTION_MASK: attention_mask, io.POSITION_IDS: position_ids}
-        for i, (k, v) in enumerate(past):
-            feeds[io.past_name(i, "key")] = k
-            feeds[io.past_name(i, "value")] = v
-        out = self.session.run(None, feeds)
-        presents = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
-        return out[0], presents
+        feeds = contract_feeds(input_ids, attention_mask, position_ids, past)
+        return split_outputs(self.session.run(None, feeds))
 
 
 def default_providers() -> list[str]:
