@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from deploy.runners.base import Runner
+from deploy.runners.onnx_reference_runner import OnnxReferenceRunner
 from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.verify import TOLERANCE, Report, compare, parity_cases
@@ -66,7 +67,7 @@ def verify_model(
     dtype = str(manifest.get("dtype") or options.get("dtype") or "fp32")
     if reference is None:
         reference = TorchRunner(load_model(source, "fp32", last_logits_only=bool(options.get("last_logits_only"))))
-    report = compare(reference, ort_runner(model_path, cfg), parity_cases(cfg, seed, max_len))
+    report = compare(reference, candidate_runner(model_path, cfg, dtype), parity_cases(cfg, seed, max_len))
     described = str(checkpoint) if checkpoint else _describe(manifest.get("source") or {})
     return Verification(model_path, manifest.get("target", "export"), dtype, described, report, TOLERANCE[dtype])
 
@@ -83,11 +84,16 @@ def _source(manifest: dict, checkpoint: str | Path | None, model_path: Path) -> 
         raise VerifyError(f"{model_path}: {e}; pass --checkpoint DIR") from None
 
 
-def ort_runner(model_path: Path, cfg: Gemma2Config) -> OrtRunner:
-    """An onnxruntime runner for any g2trt graph (plugin nodes run as trt_plugins.ort_ops reference ops)."""
+def candidate_runner(model_path: Path, cfg: Gemma2Config, dtype: str) -> Runner:
+    """onnxruntime for any fp32/fp16 g2trt graph (plugin nodes run as trt_plugins.ort_ops reference ops);
+    onnx's reference evaluator for bf16 graphs, which onnxruntime's CPU provider cannot run."""
     proto = onnx.load(str(model_path), load_external_data=False)
-    name = "onnxruntime + reference plugin ops" if ort_ops.uses_plugin_ops(proto) else "onnxruntime"
-    return OrtRunner(model_path, cfg, name=name)
+    plugins = ort_ops.uses_plugin_ops(proto)
+    if dtype == "bf16":
+        if plugins:
+            raise VerifyError(f"{model_path}: a bf16 graph with plugin nodes has no CPU runtime to verify it here")
+        return OnnxReferenceRunner(model_path, cfg, name="onnx reference evaluator")
+    return OrtRunner(model_path, cfg, name="onnxruntime + reference plugin ops" if plugins else "onnxruntime")
 
 
 def _describe(source: dict) -> str:

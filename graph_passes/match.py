@@ -63,12 +63,24 @@ def const_array(tensor: gs.Tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             return None  # weights stay on disk; matchers only read small inline constants
-        return np.asarray(tensor.values)
+        return _values(tensor)
     if tensor.inputs and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
+            return _values(value)
     return None
+
+
+def _values(constant: gs.Constant) -> np.ndarray:
+    """Its values, read without onnx-graphsurgeon's warning for bf16 (numpy has no bf16, so gs hands out
+    fp32 copies and warns that a re-export would change the type; it does not: the graph keeps the
+    original bf16 tensor, which tests/graph_passes/test_optimize.py's bf16 cases check)."""
+    severity = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    try:
+        return np.asarray(constant.values)
+    finally:
+        gs.logger.G_LOGGER.severity = severity
 
 
 def scalar(tensor: gs.Tensor, what: str) -> float:

@@ -47,6 +47,11 @@ def optimize(
         raise OptimizeError(
             f"{model_path}: already optimized (target {manifest.get('target')}); optimize the export instead"
         )
+    if target == "ort" and passes is None and manifest.get("dtype") == "bf16":
+        raise OptimizeError(
+            f"{model_path}: the ort target takes fp32 or fp16 exports (onnxruntime's CPU provider has no bf16 "
+            "kernels); export with --dtype fp16, or use the trt / trt-native targets for bf16"
+        )
     cfg = manifest_config(manifest)
     chosen = tuple(passes) if passes is not None else passes_for(target)
     try:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from deploy.cli import cli
 from deploy.runners.ort_runner import OrtRunner
 from deploy.verify import compare, parity_cases
-from deploy.verify_model import ort_runner
+from deploy.verify_model import VerifyError, candidate_runner, verify_model
 from export.config import GLOBAL, SLIDING, Gemma2Config
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_onnx
@@ -34,7 +34,7 @@ FP32_BOUND, FP16_BOUND = 1e-4, 1e-2
 
 def _parity(plain: Path, optimized: Path, cfg: Gemma2Config) -> float:
     reference = OrtRunner(plain, cfg, name="plain export", optimize=False)
-    report = compare(reference, ort_runner(optimized, cfg), parity_cases(cfg))
+    report = compare(reference, candidate_runner(optimized, cfg, read_manifest(optimized)["dtype"]), parity_cases(cfg))
     return report.worst
 
 
@@ -170,3 +170,19 @@ def test_verify_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:
     res = CliRunner().invoke(cli, ["verify", str(tmp_path / "ort"), "--checkpoint", str(tiny_checkpoint)])
     assert res.exit_code == 0, res.output
     assert str(tiny_checkpoint) in res.output.replace("\n", "")
+
+
+def test_bf16_trt_native_is_verified_with_the_onnx_reference_evaluator(tiny_export, tmp_path) -> None:
+    # onnxruntime's CPU provider has no bf16 kernels; verify_model falls back to onnx's reference evaluator.
+    report = optimize(tiny_export("bf16").model_path, "trt-native", tmp_path / "trt-native")
+    v = verify_model(report.model_path, max_len=24)
+    assert v.ok and v.dtype == "bf16" and v.report.worst > 0, v.report.diffs
+
+
+def test_bf16_ort_target_and_bf16_plugin_graph_are_refused_in_one_line(tiny_export, tmp_path) -> None:
+    bf16 = tiny_export("bf16").model_path
+    with pytest.raises(OptimizeError, match="ort target takes fp32 or fp16"):
+        optimize(bf16, "ort", tmp_path / "ort")
+    report = optimize(bf16, "trt", tmp_path / "trt")
+    with pytest.raises(VerifyError, match="no CPU runtime"):
+        verify_model(report.model_path)
