@@ -19,11 +19,9 @@ script (or in --out).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -59,6 +57,16 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
     "attention -> GroupQueryAttention": ("insert_sliding_window_attention", "lower_attention_ort"),
     "attention -> decomposed GQA": ("insert_sliding_window_attention", "expand_attention"),
     "tied head -> Gemm(transB)": ("lower_tied_head_ort",),
+    "ort, decomposed attention": (
+        "fuse_rmsnorm",
+        "fuse_sandwich_norm",
+        "insert_sliding_window_attention",
+        "fuse_gelu_ort",
+        "lower_sandwich_ort",
+        "lower_rmsnorm_ort",
+        "expand_attention",
+        "lower_tied_head_ort",
+    ),
     "ort": (),  # the full `ort` target
 }
 
@@ -188,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         names = list(models)
         for m in models.values():  # warm-up: first-run allocations and thread pools
             m.trial(prompt, 2)
+            time.sleep(args.cooldown)
         ttft: dict[str, list[float]] = {n: [] for n in names}
         step: dict[str, list[float]] = {n: [] for n in names}
         tokens: dict[str, list[int]] = {}
@@ -195,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
             for n in order:
+                time.sleep(args.cooldown)  # the previous model's thread pool stops spinning before we time
                 res = models[n].trial(prompt, args.decode + 1)
                 ttft[n].append(res["ttft_s"])
                 step[n].extend(res["step_s"])
@@ -223,35 +233,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python benchmarks/ort_targets/bench_ort_targets.py", *sys.argv[1:]]),
         "machine": machine(),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "layer_types"},
-        "settings": {k: getattr(args, k) for k in ("prompt", "decode", "rounds", "threads", "seed", "window")},
+        "settings": {k: getattr(args, k) for k in SETTINGS},
         "results": rows,
     }
 
 
-def machine() -> dict[str, Any]:
-    import importlib.metadata as md
+SETTINGS = ("prompt", "decode", "rounds", "threads", "seed", "window", "cooldown")
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln)
-    versions: dict[str, str | None] = {}
-    for pkg in ("onnxruntime", "onnxruntime-genai", "onnx", "torch"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_avg_at_end": os.getloadavg(),
-        "python": platform.python_version(),
-        **versions,
-    }
+
+def machine() -> dict[str, Any]:
+    from deploy.bench_report import machine_info
+
+    return {**machine_info(), "load_avg_at_end": os.getloadavg()}
 
 
 def markdown(res: dict[str, Any]) -> str:
-    s, c = res["settings"], res["config"]
+    s, c, m = res["settings"], res["config"], res["machine"]
     lines = [
         "# onnxruntime CPU: plain export vs `ort` target vs onnxruntime-genai",
         "",
@@ -262,8 +259,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"sliding window {c['sliding_window']}, fp32, g2trt export with last_logits_only. "
         f"Batch 1, prompt {s['prompt']}, {s['decode']} decode steps, {s['threads']} threads, "
         f"{s['rounds']} interleaved rounds, medians.",
-        f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores), onnxruntime "
-        f"{res['machine']['onnxruntime']}, onnxruntime-genai {res['machine']['onnxruntime-genai']}.",
+        f"Machine: {m['cpu']} ({m['cores']} cores), onnxruntime {m['versions'].get('onnxruntime')}, "
+        f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}.",
         "",
         "| model | prefill ms | decode ms/token | prefill / genai | decode / genai | greedy = plain | max Δlogit |",
         "|---|---:|---:|---:|---:|:---:|---:|",
@@ -291,6 +288,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=16, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cooldown", type=float, default=0.1, help="idle seconds before each trial")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (not installed)")
     ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
