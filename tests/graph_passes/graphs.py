@@ -14,7 +14,7 @@ from onnx import numpy_helper as nh
 
 from export.config import Gemma2Config
 from graph_passes.driver import Pass
-from graph_passes.graph import PassGraph
+from graph_passes.graph import INTERNAL_DOMAIN, PassGraph
 from graph_passes.report import PassReport
 from trt_plugins import ort_ops
 
@@ -157,3 +157,12 @@ def node_model(
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(domain, 1)])
     m.ir_version = 10
     return m
+
+
+NORM_SCALE = np.linspace(0.5, 1.5, 16).astype(np.float32)
+
+
+def fused_rmsnorm_model(domain: str = INTERNAL_DOMAIN) -> onnx.ModelProto:
+    """One fused RMSNorm node (x [2, 3, 16], scale NORM_SCALE, eps 1e-6): the input of the lowering passes."""
+    x, y = ("x", F32, [2, 3, 16]), ("y", F32, [2, 3, 16])
+    return node_model("RMSNorm", domain, [x], [y], [const("scale", NORM_SCALE)], epsilon=1e-6)

@@ -5,41 +5,31 @@ from __future__ import annotations
 import numpy as np
 
 from graph_passes import expand_rmsnorm, fuse_rmsnorm
-from graph_passes.graph import INTERNAL_DOMAIN
 from tests.graph_passes.graphs import (
-    F32,
+    NORM_SCALE,
     apply,
-    const,
+    fused_rmsnorm_model,
     max_output_diff,
-    node_model,
     ops,
     prefill_feeds,
     run,
 )
 
-SCALE = np.linspace(0.5, 1.5, 16).astype(np.float32)
-
-
-def _norm(domain: str = INTERNAL_DOMAIN):
-    return node_model(
-        "RMSNorm", domain, [("x", F32, [2, 3, 16])], [("y", F32, [2, 3, 16])], [const("scale", SCALE)], epsilon=1e-6
-    )
-
 
 def test_rmsnorm_expands_to_the_dynamo_pattern_and_back() -> None:
-    expanded, (report,) = apply(_norm(), expand_rmsnorm.PASS)
+    expanded, (report,) = apply(fused_rmsnorm_model(), expand_rmsnorm.PASS)
     assert report.count == 1 and sorted(ops(expanded)) == sorted(
         ["Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul", "Mul"]
     )
     x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32) * 5
     ms = (x.astype(np.float64) ** 2).mean(-1, keepdims=True)
-    np.testing.assert_allclose(run(expanded, {"x": x})[0], x / np.sqrt(ms + 1e-6) * SCALE, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(expanded, {"x": x})[0], x / np.sqrt(ms + 1e-6) * NORM_SCALE, rtol=1e-5, atol=1e-5)
     refused, (again,) = apply(expanded, fuse_rmsnorm.PASS)  # what it writes is what fuse_rmsnorm reads
     assert again.count == 1 and ops(refused) == ["RMSNorm"]
 
 
 def test_other_domains_are_left_alone() -> None:
-    out, (report,) = apply(_norm("custom"), expand_rmsnorm.PASS)
+    out, (report,) = apply(fused_rmsnorm_model("custom"), expand_rmsnorm.PASS)
     assert report.count == 0 and ops(out) == ["RMSNorm"]
 
 

@@ -6,40 +6,30 @@ import numpy as np
 
 from export.model import rms_normalize
 from graph_passes import fuse_rmsnorm, lower_rmsnorm_ort
-from graph_passes.graph import INTERNAL_DOMAIN
 from tests.graph_passes.graphs import (
-    F32,
     FP32_BOUND,
+    NORM_SCALE,
     apply,
-    const,
+    fused_rmsnorm_model,
     max_output_diff,
-    node_model,
     ops,
     prefill_feeds,
     run,
 )
 
-SCALE = np.linspace(0.5, 1.5, 16).astype(np.float32)
-
-
-def _norm(domain: str = INTERNAL_DOMAIN):
-    return node_model(
-        "RMSNorm", domain, [("x", F32, [2, 3, 16])], [("y", F32, [2, 3, 16])], [const("scale", SCALE)], epsilon=1e-6
-    )
-
 
 def test_rmsnorm_becomes_simplified_layer_normalization() -> None:
-    lowered, (report,) = apply(_norm(), lower_rmsnorm_ort.PASS)
+    lowered, (report,) = apply(fused_rmsnorm_model(), lower_rmsnorm_ort.PASS)
     assert report.count == 1 and ops(lowered) == ["SimplifiedLayerNormalization"]
     x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32) * 5
     import torch
 
-    want = (rms_normalize(torch.from_numpy(x), 1e-6) * torch.from_numpy(SCALE)).numpy()
+    want = (rms_normalize(torch.from_numpy(x), 1e-6) * torch.from_numpy(NORM_SCALE)).numpy()
     np.testing.assert_allclose(run(lowered, {"x": x})[0], want, rtol=1e-6, atol=1e-6)
 
 
 def test_other_domains_are_left_alone() -> None:
-    m = _norm("custom")
+    m = fused_rmsnorm_model("custom")
     out, (report,) = apply(m, lower_rmsnorm_ort.PASS)
     assert report.count == 0 and ops(out) == ["RMSNorm"] and "not the internal RMSNorm" in report.rejected[0].reason
 
