@@ -26,7 +26,7 @@ from deploy import trt_api
 from deploy.build_report import BuildReport
 from deploy.engine_meta import EngineMeta, meta_path, write_engine_meta
 from deploy.onnx_info import OnnxInfo, inspect_onnx
-from deploy.trt_backend import TrtBackend, UnsupportedTargetError, resolve_backend
+from deploy.trt_backend import TrtBackend, UnsupportedTargetError, no_gc_inside_tensorrt, resolve_backend
 from export.atomic import atomic_file
 from export.errors import G2trtError
 
@@ -56,6 +56,11 @@ def onnx_model_path(path: str | Path) -> Path:
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions = BuildOptions()) -> BuildReport:
     """Check, parse, build and write `engine_path` + its side file; G2trtError (one line) on bad input."""
+    with no_gc_inside_tensorrt():  # this call's TensorRT objects are freed (and collected) before it returns
+        return _build_engine(onnx_path, engine_path, options)
+
+
+def _build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions) -> BuildReport:
     onnx_path, engine_path = onnx_model_path(onnx_path), Path(engine_path)
     info = inspect_onnx(onnx_path)
     backend = resolve_backend(options.backend)

@@ -11,10 +11,12 @@ says what to `pip install`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import importlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from deploy.gpu_info import describe_sm, local_sm
@@ -163,6 +165,25 @@ def resolve_backend(choice: str = "auto") -> TrtBackend:
             f"no TensorRT is installed: {INSTALL['tensorrt-rtx']} (ahead-of-time builds, no GPU needed), "
             f"or {INSTALL['tensorrt']}"
         ) from None
+
+
+@contextlib.contextmanager
+def no_gc_inside_tensorrt() -> Iterator[None]:
+    """No automatic garbage collection while TensorRT may call back into Python; one collection after.
+
+    TensorRT calls the Python logger while holding its own locks (`trt.Builder(logger)` does). A collection
+    triggered by an allocation in that callback can free an unreachable TensorRT object from an earlier build,
+    whose destructor takes the same lock: the process deadlocks (seen with TensorRT-RTX 1.7.1 in CI). With the
+    collector off during TensorRT work and run afterwards, such objects are freed outside TensorRT's locks.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
 
 
 def make_logger(trt: Any, echo: bool = False) -> Any:

@@ -56,7 +56,7 @@ class TrtRunner:
 
         from deploy.engine_meta import load_engine_meta, read_checked_engine
         from deploy.gpu_info import local_sm
-        from deploy.trt_backend import import_backend
+        from deploy.trt_backend import import_backend, no_gc_inside_tensorrt
 
         meta = load_engine_meta(engine_path)  # one-line errors for a missing or foreign side file
         if not cuda_available():
@@ -67,8 +67,9 @@ class TrtRunner:
         self.config = config
         self.trt = trt = backend.trt
         self.logger = backend.logger()
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(data)
+        with no_gc_inside_tensorrt():  # TensorRT logs through Python while holding its locks
+            self.runtime = trt.Runtime(self.logger)
+            self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             last = self.logger.errors[-1] if self.logger.errors else "no message"
             raise TrtRunnerError(f"{engine_path}: {backend.label} could not deserialize the engine ({last})")
