@@ -1,7 +1,8 @@
 """The loop every pass shares: try each anchor node, keep the sites, rewrite them, report.
 
 A pass supplies `anchors` (op types a site starts from), `match(graph, node, config) -> Site` (raises
-`Reject` with the reason), `rewrite(graph, site)`, and the site labels its config implies. Passes hold
+`Reject` with the reason), `rewrite(graph, site)`, the site labels its config implies, and optionally
+`finish(graph)`, run once after all rewrites. Passes hold
 no state; running one twice changes nothing the second time (its patterns are gone).
 """
 
@@ -39,6 +40,8 @@ class Pass:
     expected: Callable[[Gemma2Config], list[str] | None] = lambda cfg: None
     label: Callable[[PassGraph, gs.Node], str | None] = lambda g, node: None  # label of a rejected anchor
     doc: str = ""
+    # after every site is rewritten: for edits that must see all of them (what stays shared between sites)
+    finish: Callable[[PassGraph], None] | None = None
 
     def __call__(self, g: PassGraph, config: Gemma2Config | None = None, debug: bool = False) -> PassReport:
         return apply(self, g, config, debug)
@@ -68,6 +71,8 @@ def apply(p: Pass, g: PassGraph, config: Gemma2Config | None, debug: bool = Fals
         sites.append(site)
     for site in sites:
         p.rewrite(g, site)
+    if sites and p.finish is not None:
+        p.finish(g)
     if sites:
         g.changed = True
         g.cleanup()

@@ -44,7 +44,7 @@ class PassGraph:
         if self.changed:
             self.cleanup()
         proto = gs.export_onnx(self.graph, do_type_check=False)
-        for node in proto.graph.node:
+        for node in all_nodes(proto.graph):
             for key, value in self.metadata.get(node.name, {}).items():
                 node.metadata_props.add(key=key, value=value)
         return proto
@@ -56,7 +56,12 @@ class PassGraph:
         return self.graph.nodes
 
     def node_count(self) -> int:
-        return len(self.graph.nodes)
+        """Nodes of the graph and of the subgraphs inside it (If branches)."""
+
+        def count(graph: gs.Graph) -> int:
+            return sum(1 + sum(count(sub) for sub in n.subgraphs()) for n in graph.nodes)
+
+        return count(self.graph)
 
     def input(self, name: str) -> gs.Variable | None:
         return next((t for t in self.graph.inputs if t.name == name), None)
@@ -141,3 +146,14 @@ class PassGraph:
 
     def cleanup(self) -> None:
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and, depth first, those of the subgraphs in their attributes (If branches)."""
+    found = []
+    for node in graph.node:
+        found.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += all_nodes(attr.g)
+    return found

@@ -1,13 +1,23 @@
-"""lower_attention_ort: SlidingWindowAttention -> com.microsoft.GroupQueryAttention (+ RotaryEmbedding).
+"""lower_attention_ort: SlidingWindowAttention -> If(prompt: standard ops, one token: GroupQueryAttention).
 
-    q_lin ─ RotaryEmbedding(position_ids) ─┐
-    k_lin ─ RotaryEmbedding(position_ids) ─┤
-    v_lin ─────────────────────────────────┼─ GroupQueryAttention(past_key, past_value, seqlens_k,
-                                           │      total_sequence_length, attention_bias, query_seqlens)
-                                           └─> out [B, S, H*Dh] ─ o_proj      (+ present_key, present_value)
+    q_lin ─ RotaryEmbedding(position_ids) ─> q3 ─┐
+    k_lin ─ RotaryEmbedding(position_ids) ─> k3 ─┤
+    v_lin ──────────────────────────────────> v3 ─┤
+                                                  If(S > 1)
+                                                  ├ then: expand_attention's core on the [B, N, S, Dh] views
+                                                  └ else: GroupQueryAttention(q3, k3, v3, past_key, past_value,
+                                                          seqlens_k, total_sequence_length, attention_bias,
+                                                          query_seqlens)
+                                                  └─> out [B, S, H*Dh] ─ o_proj  (+ present_key, present_value)
 
     GroupQueryAttention attrs: num_heads, kv_num_heads, scale, softcap,
                                local_window_size = window (HF sliding_window; -1 for global)
+
+Why both: on CPU, GroupQueryAttention's soft-cap path is slow over a prompt (a 256-token layer takes
+2.5x as long with softcap = 50 as without; benchmarks/ort_targets/gqa_softcap.md), slower than the
+standard-op core onnxruntime runs with its own fused MatMuls, while for one decoded token GQA is the
+faster of the two. The If picks per step; mask inputs both branches or several layers share stay in
+the main graph (graph_passes/branches.py). Measured in benchmarks/ort_targets/results.md.
 
 How left padding stays exact (measured against trt_plugins.attention.reference, see
 tests/graph_passes/test_lower_attention_ort.py): GQA's own padding model is right padding
@@ -23,9 +33,6 @@ prompt, only position_ids' first element), which is wrong for left-padded rows, 
 RotaryEmbedding on the packed projection with the real `position_ids` (tables up to
 max_position_embeddings). When the RoPE pattern is not found the query/key are transposed to
 [B, S, N*Dh] instead. The mask inputs are built once per cache-length group of layers.
-
-Measured on CPU (benchmarks/ort_targets/): decode per token a few % faster than the decomposed core
-(expand_attention); prefill a few % slower, GQA's soft-cap path being the slow part at long prompts.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from export.config import Gemma2Config
-from graph_passes import primitives, rope
+from graph_passes import branches, expand_attention, primitives, rope
 from graph_passes.driver import Pass, Site
 from graph_passes.graph import PassGraph
 from graph_passes.match import Reject, maybe_producer
@@ -45,6 +52,7 @@ from trt_plugins.attention import SPEC
 GQA = "GroupQueryAttention"
 ROTARY = "RotaryEmbedding"
 MS_DOMAIN = "com.microsoft"
+IFS = "lower_attention_ort.ifs"  # memo: the If of each site, filled by finish()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +86,12 @@ def rewrite(g: PassGraph, site: Site) -> None:
     inputs = [q3, k3, v3, past_key, past_value, seqlens, total, None, None, None, bias]
     inputs += [None] * 5 + [qlens]  # head_sink, k_scale, v_scale, q_norm_weight, k_norm_weight, query_seqlens
     o3 = _packed_output(g, out, h, d)
-    gqa_out = o3 if o3 is not None else g.variable(f"{node.name}/gqa_out", dtype)
+    result = o3 if o3 is not None else g.variable(f"{node.name}/attn_out", dtype)
+    gqa = [g.variable(f"{node.name}/gqa_{n}", dtype) for n in ("out", "present_key", "present_value")]
     g.node(
         GQA,
         inputs,
-        [gqa_out, present_k, present_v],
+        gqa,
         like=node,
         domain=MS_DOMAIN,
         num_heads=h,
@@ -92,9 +101,53 @@ def rewrite(g: PassGraph, site: Site) -> None:
         local_window_size=int(a["window"]) or -1,
         do_rotary=0,
     )
+    full = _decomposed(g, node, [q3, k3, v3, past_key, past_value, mask], h, kv, d, dtype)
+    g.memo.setdefault(IFS, []).append(
+        branches.make_if(g, _multi_token(g, q3, node), full, gqa, [result, present_k, present_v], like=node)
+    )
     if o3 is None:  # no o_proj reshape to feed directly: back to [B, H, S, Dh]
-        o4 = g.op("Reshape", [gqa_out, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
+        o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
         g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def _decomposed(
+    g: PassGraph, node: gs.Node, inputs: list[gs.Tensor], h: int, kv: int, d: int, dtype: np.dtype
+) -> list[gs.Tensor]:
+    """The attention as standard ops (expand_attention's), on the packed projections; [out3, present_k, present_v]."""
+    q3, k3, v3, past_key, past_value, mask = inputs
+
+    def heads(t: gs.Tensor, n: int) -> gs.Tensor:  # [B, S, n*Dh] -> [B, n, S, Dh]
+        shape = g.constant("shape", np.array([0, 0, n, d], np.int64))
+        bsnd = g.op("Reshape", [t, shape], like=node, dtype=dtype)
+        return g.op("Transpose", [bsnd], like=node, dtype=dtype, perm=[0, 2, 1, 3])
+
+    out4 = g.variable(f"{node.name}/full_out4", dtype)
+    present = [g.variable(f"{node.name}/full_{n}", dtype) for n in ("present_key", "present_value")]
+    core = g.node(
+        SPEC.name,
+        [heads(q3, h), heads(k3, kv), heads(v3, kv), past_key, past_value, mask],
+        [out4, *present],
+        like=node,
+        domain=SPEC.domain,
+        **node.attrs,
+    )
+    expand_attention.rewrite(g, Site(None, [core], core))
+    core.inputs.clear()
+    bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
+    out3 = g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
+    return [out3, *present]
+
+
+def _multi_token(g: PassGraph, packed_q: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """`S > 1` (a prompt or a multi-token step), computed once: the condition of every layer's If."""
+    if "multi_token" not in g.memo:
+        s = primitives.dim(g, packed_q, 1, like)
+        g.memo["multi_token"] = g.op("Greater", [s, g.constant("one", [1], np.int64)], like=like, dtype=np.bool_)
+    return g.memo["multi_token"]
+
+
+def finish(g: PassGraph) -> None:
+    branches.move_into_branches(g, g.memo.get(IFS, []))
 
 
 def _packed(g: PassGraph, t: gs.Tensor, heads: int, d: int, max_positions: int | None, like: gs.Node) -> gs.Tensor:
@@ -175,5 +228,7 @@ def _aux(
     return g.memo[key]
 
 
-PASS = Pass(name="lower_attention_ort", anchors=(SPEC.name,), match=match, rewrite=rewrite, doc=__doc__ or "")
+PASS = Pass(
+    name="lower_attention_ort", anchors=(SPEC.name,), match=match, rewrite=rewrite, finish=finish, doc=__doc__ or ""
+)
 run = PASS.__call__

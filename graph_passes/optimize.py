@@ -21,7 +21,7 @@ from export.config import Gemma2Config
 from export.manifest import build_manifest, manifest_config, read_manifest, write_manifest
 from graph_passes.driver import Pass
 from graph_passes.errors import OptimizeError, SiteCountError
-from graph_passes.graph import INTERNAL_DOMAIN, PassGraph
+from graph_passes.graph import INTERNAL_DOMAIN, PassGraph, all_nodes
 from graph_passes.report import OptimizeReport, PassReport, op_counts
 from graph_passes.targets import TARGETS, passes_for
 from trt_plugins.spec import DOMAIN as PLUGIN_DOMAIN
@@ -70,10 +70,10 @@ def optimize(
             model_path=str(out_dir / MODEL_FILE),
             source_model=str(model_path),
             passes=reports,
-            nodes_before=len(proto.graph.node),
-            nodes_after=len(optimized.graph.node),
-            op_counts_before=op_counts([n.op_type for n in proto.graph.node]),
-            op_counts_after=op_counts([n.op_type for n in optimized.graph.node]),
+            nodes_before=len(all_nodes(proto.graph)),
+            nodes_after=len(all_nodes(optimized.graph)),
+            op_counts_before=op_counts([n.op_type for n in all_nodes(proto.graph)]),
+            op_counts_after=op_counts([n.op_type for n in all_nodes(optimized.graph)]),
             seconds=time.perf_counter() - start,
         )
         extra = {
@@ -126,11 +126,11 @@ def check_sites(report: PassReport) -> None:
 
 
 def _check_lowered(model: onnx.ModelProto, target: str | None) -> None:
-    left = sorted({n.op_type for n in model.graph.node if n.domain == INTERNAL_DOMAIN})
+    left = sorted({n.op_type for n in all_nodes(model.graph) if n.domain == INTERNAL_DOMAIN})
     if left:
         raise OptimizeError(f"internal op(s) {left} left after the passes: the pass list lacks their lowering")
     if target in ("ort", "trt-native"):
-        plugins = sorted({n.op_type for n in model.graph.node if n.domain == PLUGIN_DOMAIN})
+        plugins = sorted({n.op_type for n in all_nodes(model.graph) if n.domain == PLUGIN_DOMAIN})
         if plugins:
             raise OptimizeError(f"target {target}: plugin op(s) {plugins} left in the graph")
 

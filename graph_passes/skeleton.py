@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from export.config import Gemma2Config, preset
 from export.onnx_export import DATA_FILE, ExportOptions, trace_graph
+from graph_passes.graph import all_nodes
 from graph_passes.optimize import optimize_proto
 from graph_passes.report import PassReport
 from graph_passes.targets import TARGETS
@@ -46,7 +47,7 @@ def reports(
     out = {}
     for target, passes in TARGETS.items():
         optimized, reps = optimize_proto(proto, passes, cfg, target)
-        out[target] = (len(proto.graph.node), len(optimized.graph.node), reps)
+        out[target] = (len(all_nodes(proto.graph)), len(all_nodes(optimized.graph)), reps)
     return out
 
 

@@ -13,6 +13,7 @@ from graph_passes import (
     expand_sandwich_norm,
     expand_softcap,
     fuse_gelu_ort,
+    fuse_parallel_matmuls,
     fuse_rmsnorm,
     fuse_sandwich_norm,
     insert_sliding_window_attention,
@@ -40,9 +41,10 @@ TARGETS: dict[str, tuple[Pass, ...]] = {
         insert_sliding_window_attention.PASS,
         # no insert_softcap: onnxruntime has no soft-cap op, the logits keep Div/Tanh/Mul
         fuse_gelu_ort.PASS,  # the MLP's tanh-GELU (8 ops) -> FastGelu; after attention took its Tanh nodes
+        fuse_parallel_matmuls.PASS,  # q/k/v and gate/up: one MatMul each, on concatenated weights
         lower_sandwich_ort.PASS,  # -> SimplifiedLayerNormalization + SkipSimplifiedLayerNormalization
         lower_rmsnorm_ort.PASS,  # -> SimplifiedLayerNormalization
-        lower_attention_ort.PASS,  # -> RotaryEmbedding + GroupQueryAttention (softcap, local_window_size)
+        lower_attention_ort.PASS,  # -> RotaryEmbedding + If(prompt: standard ops, one token: GroupQueryAttention)
         lower_tied_head_ort.PASS,  # tied head: Gemm(transB) on the embedding, no transposed copy
     ),
     # Stock TensorRT / TensorRT-RTX, no plugins: the fused nodes expanded to the standard ops TensorRT

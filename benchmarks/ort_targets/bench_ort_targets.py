@@ -42,8 +42,8 @@ from export.weights import RandomWeights  # noqa: E402
 from graph_passes import PASSES, optimize  # noqa: E402
 
 # Each lowering alone on the plain export (with the fusion it needs), then the whole target: every pass
-# is measured, none assumed to help. "decomposed attention" is the alternative to GroupQueryAttention
-# (trt-native's expand_attention), kept here because on CPU it wins prefill and loses decode.
+# is measured, none assumed to help. "decomposed attention" is the alternative to lower_attention_ort's
+# If (trt-native's expand_attention everywhere, no GroupQueryAttention for one-token steps).
 VARIANTS: dict[str, tuple[str, ...] | None] = {
     "plain": None,
     "norms -> SimplifiedLayerNorm": ("fuse_rmsnorm", "lower_rmsnorm_ort"),
@@ -54,7 +54,8 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
         "lower_rmsnorm_ort",
     ),
     "GELU -> FastGelu": ("fuse_gelu_ort",),
-    "attention -> GroupQueryAttention": ("insert_sliding_window_attention", "lower_attention_ort"),
+    "q/k/v, gate/up -> one MatMul each": ("fuse_parallel_matmuls",),
+    "attention -> If(prompt: ops, token: GQA)": ("insert_sliding_window_attention", "lower_attention_ort"),
     "attention -> decomposed GQA": ("insert_sliding_window_attention", "expand_attention"),
     "tied head -> Gemm(transB)": ("lower_tied_head_ort",),
     "ort, decomposed attention": (
@@ -62,6 +63,7 @@ VARIANTS: dict[str, tuple[str, ...] | None] = {
         "fuse_sandwich_norm",
         "insert_sliding_window_attention",
         "fuse_gelu_ort",
+        "fuse_parallel_matmuls",
         "lower_sandwich_ort",
         "lower_rmsnorm_ort",
         "expand_attention",
@@ -131,6 +133,70 @@ class OrtModel:
         return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first_logits}
 
 
+class FloorModel:
+    """The model's weight products and nothing else: per layer q/k/v, o, gate/up, down as MatMuls of the
+    model's shapes chained one after the other, then the tied head (on the last row, or on every row as
+    genai's graph computes it). No norm, no attention, no activation: what any graph of these fp32
+    weights must at least spend, prefill and decode, on this machine (decode reads every weight once)."""
+
+    def __init__(self, name: str, cfg: Gemma2Config, threads: int, all_rows: bool, seed: int) -> None:
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.name, self.cfg = name, cfg
+        rng = np.random.default_rng(seed)
+        d, f, q, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        inits, nodes = [], []
+
+        def matmul(x: str, shape: tuple[int, int], name: str) -> str:
+            inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.02).astype(np.float32), f"{name}.w"))
+            nodes.append(helper.make_node("MatMul", [x, f"{name}.w"], [name]))
+            return name
+
+        x = "x"
+        for i in range(cfg.num_hidden_layers):
+            query = matmul(x, (d, q * cfg.head_dim), f"l{i}.q")
+            matmul(x, (d, k * cfg.head_dim), f"l{i}.k")
+            matmul(x, (d, k * cfg.head_dim), f"l{i}.v")
+            o = matmul(query, (q * cfg.head_dim, d), f"l{i}.o")
+            gate, up = matmul(o, (d, f), f"l{i}.gate"), matmul(o, (d, f), f"l{i}.up")
+            nodes.append(helper.make_node("Mul", [gate, up], [f"l{i}.act"]))
+            x = matmul(f"l{i}.act", (f, d), f"l{i}.down")
+        inits.append(numpy_helper.from_array((rng.standard_normal((cfg.vocab_size, d)) * 0.02).astype(np.float32), "E"))
+        rows = x
+        if not all_rows:  # rows = x[-1:]
+            consts = (("last", [-1]), ("end", [2**62]), ("axis0", [0]))
+            inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in consts]
+            nodes.append(helper.make_node("Slice", [x, "last", "end", "axis0"], ["rows"]))
+            rows = "rows"
+        nodes.append(helper.make_node("Gemm", [rows, "E"], ["logits"], transB=1))
+        graph = helper.make_graph(
+            nodes,
+            "floor",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["s", d])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+            inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.x = rng.standard_normal((8192, d)).astype(np.float32)
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        steps = []
+        for step in range(new_tokens):
+            rows = self.x[: input_ids.shape[1]] if step == 0 else self.x[step : step + 1]
+            start = time.perf_counter()
+            self.session.run(None, {"x": rows})
+            steps.append(time.perf_counter() - start)
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": None, "first_logits": None}
+
+
+FLOOR_LAST = "floor: weight products only, head on the last row"
+FLOOR_ALL = "floor: weight products only, head on every row (genai's)"
+
+
 def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dict[str, Any]:
     source = RandomWeights(cfg, seed=args.seed)
     # last_logits_only: the export a generation server runs (prefill returns the logits it samples from)
@@ -148,6 +214,8 @@ def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dic
 
         hf = write_hf_checkpoint(source, work / "hf")
         models["genai"] = GenaiModel(build(hf, work / "genai"), cfg, args.threads)
+    models[FLOOR_LAST] = FloorModel(FLOOR_LAST, cfg, args.threads, all_rows=False, seed=args.seed)
+    models[FLOOR_ALL] = FloorModel(FLOOR_ALL, cfg, args.threads, all_rows=True, seed=args.seed)
     return models
 
 
@@ -208,7 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res = models[n].trial(prompt, args.decode + 1)
                 ttft[n].append(res["ttft_s"])
                 step[n].extend(res["step_s"])
-                tokens[n] = [t[0] if isinstance(t, list) else t for t in res["tokens"]]
+                if res["tokens"] is not None:
+                    tokens[n] = [t[0] if isinstance(t, list) else t for t in res["tokens"]]
                 if res.get("first_logits") is not None:
                     logits[n] = res["first_logits"]
     rows = {}
@@ -218,7 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decode_ms_per_token": 1e3 * statistics.median(step[n]),
             "prefill_samples": len(ttft[n]),
             "decode_samples": len(step[n]),
-            "greedy_tokens_match_plain": tokens[n][: args.decode] == tokens["plain"][: args.decode],
+            "greedy_tokens_match_plain": tokens[n][: args.decode] == tokens["plain"][: args.decode]
+            if n in tokens
+            else None,
         }
         if n in logits:
             rows[n]["max_abs_logit_diff_vs_plain"] = float(np.abs(logits[n] - logits["plain"]).max())
@@ -272,9 +343,13 @@ def markdown(res: dict[str, Any]) -> str:
         diff = r.get("max_abs_logit_diff_vs_plain")
         lines.append(
             f"| {name} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {ratio[0]} | {ratio[1]} | "
-            f"{'yes' if r['greedy_tokens_match_plain'] else 'no'} | {'-' if diff is None else f'{diff:.1e}'} |"
+            f"{_yes_no(r['greedy_tokens_match_plain'])} | {'-' if diff is None else f'{diff:.1e}'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _yes_no(v: bool | None) -> str:
+    return "-" if v is None else "yes" if v else "no"
 
 
 def main() -> None:

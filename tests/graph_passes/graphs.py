@@ -14,7 +14,7 @@ from onnx import numpy_helper as nh
 
 from export.config import Gemma2Config
 from graph_passes.driver import Pass
-from graph_passes.graph import INTERNAL_DOMAIN, PassGraph
+from graph_passes.graph import INTERNAL_DOMAIN, PassGraph, all_nodes
 from graph_passes.report import PassReport
 from trt_plugins import ort_ops
 
@@ -99,6 +99,11 @@ def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 
 def ops(proto: onnx.ModelProto) -> list[str]:
+    """Op types of the graph's nodes and of the nodes inside its subgraphs (If branches)."""
+    return [n.op_type for n in all_nodes(proto.graph)]
+
+
+def top_ops(proto: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in proto.graph.node]
 
 

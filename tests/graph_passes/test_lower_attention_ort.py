@@ -1,7 +1,8 @@
-"""lower_attention_ort: onnxruntime's GroupQueryAttention, as the ort target drives it, computes exactly
-what the SlidingWindowAttention reference computes: left padding (through attention_bias), HF's window
-(local_window_size = sliding_window), soft-cap before the mask, first prompt, decode, multi-token steps
-with a cache in a batch of 2, and a sliding layer given a trimmed cache (mask wider than its keys)."""
+"""lower_attention_ort: what the ort target runs (GroupQueryAttention for one-token steps, the
+standard-op core for prompts, chosen by an If) computes exactly what the SlidingWindowAttention reference
+computes: left padding (through attention_bias), HF's window (local_window_size = sliding_window),
+soft-cap before the mask, first prompt, decode, multi-token steps with a cache in a batch of 2, and a
+sliding layer given a trimmed cache (mask wider than its keys)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import pytest
 from onnx import helper as h
 
 from graph_passes import insert_sliding_window_attention, lower_attention_ort
-from tests.graph_passes.graphs import F16, F32, FP32_BOUND, apply, max_output_diff, ops, prefill_feeds, run, vi
+from tests.graph_passes.graphs import (
+    F16,
+    F32,
+    FP32_BOUND,
+    apply,
+    max_output_diff,
+    ops,
+    prefill_feeds,
+    run,
+    top_ops,
+    vi,
+)
 from trt_plugins.attention import SPEC
 
 H, KV, D = 4, 2, 16
@@ -89,9 +101,13 @@ def test_tiny_export_runs_gqa_with_rotary_embedding(tiny_proto, tiny_export, tin
     lowered, (_, report) = apply(
         tiny_proto, insert_sliding_window_attention.PASS, lower_attention_ort.PASS, config=tiny_cfg
     )
-    kinds = ops(lowered)
+    kinds, top = ops(lowered), top_ops(lowered)
     assert report.count == tiny_cfg.num_hidden_layers
-    assert kinds.count("GroupQueryAttention") == 4 and kinds.count("RotaryEmbedding") == 8  # q and k per layer
-    assert "Softmax" not in kinds and "Neg" not in kinds  # the exported rotate_half is gone too
+    assert top.count("If") == 4 and top.count("RotaryEmbedding") == 8  # q and k per layer, shared by both branches
+    assert "Softmax" not in top and "Neg" not in kinds  # the exported rotate_half is gone too
+    for node in (n for n in lowered.graph.node if n.op_type == "If"):
+        branch = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+        assert branch["else_branch"] == ["GroupQueryAttention"]  # one-token steps: GQA and nothing else
+        assert "Softmax" in branch["then_branch"] and "GroupQueryAttention" not in branch["then_branch"]
     weights = tiny_export("fp32").model_path.parent
     assert max_output_diff(tiny_proto, lowered, weights, prefill_feeds(tiny_cfg)) <= FP32_BOUND

@@ -21,6 +21,7 @@ def test_the_order_of_every_target() -> None:
         "ort": [
             *FUSIONS,
             "fuse_gelu_ort",
+            "fuse_parallel_matmuls",
             "lower_sandwich_ort",
             "lower_rmsnorm_ort",
             "lower_attention_ort",
