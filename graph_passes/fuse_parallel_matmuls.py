@@ -37,6 +37,7 @@ GROUPS = ("q_proj+k_proj+v_proj", "gate_proj+up_proj")
 class Group:
     x: gs.Tensor
     matmuls: list[gs.Node]
+    weights: list[gs.Constant]  # matmuls[i]'s
 
 
 def _weight(node: gs.Node) -> gs.Constant | None:
@@ -51,8 +52,8 @@ def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
     if w is None:
         raise Reject(f"{node.name}'s weight is not a constant 2-D initializer")
     x = node.inputs[0]
-    group = [
-        m
+    members = [
+        (m, mw)
         for m in x.outputs
         if m.op == "MatMul"
         and m.inputs[0] is x
@@ -60,21 +61,22 @@ def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
         and mw.shape[0] == w.shape[0]
         and mw.dtype == w.dtype
     ]
-    if len(group) < 2:
+    if len(members) < 2:
         raise Reject(f"{node.name} is the only projection of {x.name}")
-    return Site(_label(group), group, Group(x, group))
+    matmuls, weights = [m for m, _ in members], [mw for _, mw in members]
+    return Site(_label(weights), matmuls, Group(x, matmuls, weights))
 
 
-def _label(group: list[gs.Node]) -> str | None:
-    found = [_PROJ.search(_weight(m).name) for m in group]  # type: ignore[union-attr]
-    if not all(found) or len({f.group(1) for f in found if f}) != 1:
+def _label(weights: list[gs.Constant]) -> str | None:
+    found = [m.groups() for w in weights if (m := _PROJ.search(w.name))]  # (layer, projection)
+    if len(found) != len(weights) or len({layer for layer, _ in found}) != 1:
         return None
-    return f"layer {found[0].group(1)} " + "+".join(f.group(2) for f in found if f)  # type: ignore[union-attr]
+    return f"layer {found[0][0]} " + "+".join(proj for _, proj in found)
 
 
 def rewrite(g: PassGraph, site: Site) -> None:
     group: Group = site.data
-    weights = [w for m in group.matmuls if (w := _weight(m)) is not None]  # all of them: match checked
+    weights = group.weights
     widths = [int(w.shape[1]) for w in weights]
     outs = [m.outputs[0] for m in group.matmuls]
     first = group.matmuls[0]

@@ -131,8 +131,7 @@ def _decomposed(
         domain=SPEC.domain,
         **node.attrs,
     )
-    expand_attention.rewrite(g, Site(None, [core], core))
-    core.inputs.clear()
+    expand_attention.rewrite(g, Site(None, [core], core))  # detaches core: branches ignores it as a user
     bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
     out3 = g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
     return [out3, *present]

@@ -61,6 +61,7 @@ def optimize(
     optimized, reports = optimize_proto(proto, chosen, cfg, target if passes is None else None, debug)
 
     out_dir = Path(out_dir)
+    before, after = all_nodes(proto.graph), all_nodes(optimized.graph)
     with atomic_dir(out_dir) as tmp:
         onnx.save(optimized, str(tmp / MODEL_FILE))
         for name in _external_files(optimized):
@@ -70,10 +71,10 @@ def optimize(
             model_path=str(out_dir / MODEL_FILE),
             source_model=str(model_path),
             passes=reports,
-            nodes_before=len(all_nodes(proto.graph)),
-            nodes_after=len(all_nodes(optimized.graph)),
-            op_counts_before=op_counts([n.op_type for n in all_nodes(proto.graph)]),
-            op_counts_after=op_counts([n.op_type for n in all_nodes(optimized.graph)]),
+            nodes_before=len(before),
+            nodes_after=len(after),
+            op_counts_before=op_counts([n.op_type for n in before]),
+            op_counts_after=op_counts([n.op_type for n in after]),
             seconds=time.perf_counter() - start,
         )
         extra = {
