@@ -185,9 +185,9 @@ def build_cmd(
     import json
 
     from deploy import console as ui
-    from deploy.build import BuildOptions, build_engine
-    from deploy.profiles import parse_dims
-    from deploy.trt_backend import parse_sm
+    from deploy.engine.backend import parse_sm
+    from deploy.engine.build import BuildOptions, build_engine
+    from deploy.engine.profiles import parse_dims
 
     options = BuildOptions(
         backend=backend,
@@ -252,9 +252,9 @@ def generate_cmd(
     as_json: bool,
 ) -> None:
     """Generate text from MODEL (checkpoint dir, ONNX or engine; none: the random --preset)."""
-    from deploy.generate import GenerationConfig
-    from deploy.generate_run import print_output, run_generate
-    from deploy.sampling import SamplingConfig
+    from deploy.generate.loop import GenerationConfig
+    from deploy.generate.run import print_output, run_generate
+    from deploy.generate.sampling import SamplingConfig
 
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -314,8 +314,8 @@ def bench_cmd(
     keep_work: bool,
 ) -> None:
     """Time every backend on CHECKPOINT_DIR (or the random --preset), interleaved, against onnxruntime."""
-    from deploy.bench import BenchSettings, parse_list, run
-    from deploy.bench_report import print_tables
+    from deploy.bench.report import print_tables
+    from deploy.bench.run import BenchSettings, parse_list, run
 
     settings = BenchSettings(
         backends=tuple(parse_list(backends, "--backends", str)),
@@ -365,7 +365,7 @@ def package_cmd(
     plugin_libraries: tuple[str, ...],
 ) -> None:
     """Write a Triton Inference Server repository for MODEL (an ONNX model or a TensorRT engine)."""
-    from deploy.package import package, print_result
+    from deploy.serve.package import package, print_result
 
     result = package(
         model,
@@ -423,7 +423,7 @@ def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
 def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
     """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
     from deploy import console as ui
-    from deploy.verify_model import verify_model
+    from deploy.verify.model import verify_model
 
     v = verify_model(model, checkpoint, max_len=max_len)
     rows = [(d.case, d.step, d.max_abs_diff, d.ref_max_abs) for d in v.report.diffs]

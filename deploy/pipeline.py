@@ -25,7 +25,7 @@ from typing import Any
 
 from deploy import console as ui
 from deploy.runners.torch_runner import TorchRunner
-from deploy.verify_model import Verification, VerifyError, verify_model
+from deploy.verify.model import Verification, VerifyError, verify_model
 from export.atomic import atomic_file
 from export.checkpoint import weight_bytes
 from export.errors import G2trtError
@@ -131,8 +131,8 @@ def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: Pipeli
 
 
 def _build(model: Path, out: Path, sm: int) -> tuple[str, str, dict[str, Any]]:
-    from deploy.build import BuildOptions, build_engine
-    from deploy.trt_backend import BackendMissingError
+    from deploy.engine.backend import BackendMissingError
+    from deploy.engine.build import BuildOptions, build_engine
 
     engine = out / "model.engine"
     try:
@@ -148,8 +148,8 @@ def _bench(
     checkpoint: str | Path | None, out: Path, options: PipelineOptions, plain: Path, ort: Path | None
 ) -> tuple[str, str, dict[str, Any]]:
     """A short benchmark of every backend this machine has (the full one is `g2trt bench`)."""
-    from deploy.bench import BenchSettings, run
-    from deploy.bench_report import print_tables
+    from deploy.bench.report import print_tables
+    from deploy.bench.run import BenchSettings, run
 
     settings = BenchSettings(
         batches=(1,), prompts=(32,), new_tokens=8, warmup=1, repeats=3, dtype=options.dtype, seed=options.seed

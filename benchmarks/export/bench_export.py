@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from deploy.bench_report import machine_info
+from deploy.bench.report import machine_info
 
 CHILD = r"""
 import json, resource, sys, time

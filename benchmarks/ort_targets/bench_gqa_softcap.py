@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy.bench_report import machine_info  # noqa: E402
+from deploy.bench.report import machine_info  # noqa: E402
 
 H, KV, D, WINDOW, THREADS, RUNS = 8, 4, 64, 4096, 2, 200
 

@@ -210,7 +210,7 @@ def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dic
             path = Path(optimize(plain, "ort", work / name.replace(" ", "_"), passes=chosen).model_path)
         models[name] = OrtModel(name, path, cfg, args.threads)
     if not args.no_genai:
-        from deploy.genai_peer import build, write_hf_checkpoint
+        from deploy.bench.genai_peer import build, write_hf_checkpoint
 
         hf = write_hf_checkpoint(source, work / "hf")
         models["genai"] = GenaiModel(build(hf, work / "genai"), cfg, args.threads)
@@ -313,7 +313,7 @@ SETTINGS = ("prompt", "decode", "rounds", "threads", "seed", "window", "cooldown
 
 
 def machine() -> dict[str, Any]:
-    from deploy.bench_report import machine_info
+    from deploy.bench.report import machine_info
 
     return {**machine_info(), "load_avg_at_end": os.getloadavg()}
 

@@ -13,7 +13,7 @@ Models (seeded RandomWeights, nothing downloaded):
           check between the two caches means something)
 
 bench: backends torch, ort-plain, ort, trt, ort-genai; batch 1 and 4; prompt 128 and 512; 64 new tokens;
-1 warm-up + 5 timed rounds, interleaved (deploy/bench.py says exactly how). Results go to
+1 warm-up + 5 timed rounds, interleaved (deploy/bench/run.py says exactly how). Results go to
 results/<machine>/{tiny,medium}/bench.{json,md,png} and results/<machine>/kv_memory.{json,md}, with
 the command line and machine in each JSON.
 """
@@ -32,10 +32,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy import kv_cache  # noqa: E402
-from deploy.bench import BenchSettings  # noqa: E402
-from deploy.bench import run as run_bench  # noqa: E402
-from deploy.bench_report import machine_info, print_tables  # noqa: E402
+from deploy.bench.report import machine_info, print_tables  # noqa: E402
+from deploy.bench.run import BenchSettings  # noqa: E402
+from deploy.bench.run import run as run_bench  # noqa: E402
+from deploy.generate import kv_cache  # noqa: E402
 from export.atomic import atomic_file  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 
@@ -77,7 +77,7 @@ def kv_memory(prompt: int, new: int, out: Path, command: str, threads: int) -> d
 
     import numpy as np
 
-    from deploy.generate import GenerationConfig, generate
+    from deploy.generate.loop import GenerationConfig, generate
     from deploy.runners.ort_runner import OrtRunner
     from export.onnx_export import ExportOptions, export_onnx
     from export.weights import RandomWeights

@@ -84,7 +84,7 @@ def resolve_model(model: str | Path | None, preset: str = "tiny", seed: int = 0)
 
 def engine_config(engine: Path) -> Gemma2Config:
     """The Gemma 2 config of an engine: the manifest of the ONNX its side file names, else one beside it."""
-    from deploy.engine_meta import load_engine_meta
+    from deploy.engine.meta import load_engine_meta
 
     meta = load_engine_meta(engine)
     for candidate in (Path(meta.onnx), engine):

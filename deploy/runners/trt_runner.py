@@ -7,9 +7,9 @@ first optimization profile whose ranges hold the shapes, sets the input shapes, 
 the shapes the context infers, and runs `execute_async_v3` on the runner's stream.
 
 Before any bytes reach TensorRT, the engine's side file (`ENGINE.json`, written by `g2trt build`) is
-checked against this runtime and GPU (`deploy.engine_meta.read_checked_engine`): a foreign TensorRT
+checked against this runtime and GPU (`deploy.engine.meta.read_checked_engine`): a foreign TensorRT
 version, another GPU or a corrupt engine is a one-line error, not a deserialization crash. Both
-flavours share this API and are imported lazily (`deploy.trt_backend`), so the module imports on
+flavours share this API and are imported lazily (`deploy.engine.backend`), so the module imports on
 machines without either. UNVERIFIED: g2trt's development machines have no GPU.
 """
 
@@ -39,7 +39,7 @@ def cuda_available() -> bool:
 
 def unavailable_reason(backend: str = "auto") -> str | None:
     """Why a TensorRT engine cannot run on this machine, or None when it can."""
-    from deploy.trt_backend import resolve_backend
+    from deploy.engine.backend import resolve_backend
 
     if not cuda_available():
         return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
@@ -54,9 +54,9 @@ class TrtRunner:
     def __init__(self, engine_path: str | Path, config: Gemma2Config, *, name: str = "trt") -> None:
         import torch
 
-        from deploy.engine_meta import load_engine_meta, read_checked_engine
-        from deploy.gpu_info import local_sm
-        from deploy.trt_backend import import_backend, no_gc_inside_tensorrt
+        from deploy.engine.backend import import_backend, no_gc_inside_tensorrt
+        from deploy.engine.gpu_info import local_sm
+        from deploy.engine.meta import load_engine_meta, read_checked_engine
 
         meta = load_engine_meta(engine_path)  # one-line errors for a missing or foreign side file
         if not cuda_available():

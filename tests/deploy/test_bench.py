@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deploy.bench import BenchError, BenchSettings, run
+from deploy.bench.run import BenchError, BenchSettings, run
 from deploy.runners.trt_runner import cuda_available
 
 

@@ -1,12 +1,12 @@
-"""The TensorRT API surface deploy.build is type-checked against (deploy/trt_api.py) exists in the
+"""The TensorRT API surface deploy.engine.build is type-checked against (deploy/engine/trt_api.py) exists in the
 installed TensorRT-RTX: a renamed or removed member fails here, not in a user's build."""
 
 from __future__ import annotations
 
 import pytest
 
-from deploy.trt_api import CLASSES
-from deploy.trt_backend import import_backend
+from deploy.engine.backend import import_backend
+from deploy.engine.trt_api import CLASSES
 
 
 def members(protocol: type) -> set[str]:

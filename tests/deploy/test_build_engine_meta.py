@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.build import BuildOptions, build_engine
-from deploy.build_report import BuildReport
-from deploy.engine_meta import (
+from deploy.engine.backend import import_backend
+from deploy.engine.build import BuildOptions, build_engine
+from deploy.engine.meta import (
     CorruptEngineError,
     EngineMetaError,
     IncompatibleEngineError,
@@ -19,7 +19,7 @@ from deploy.engine_meta import (
     meta_path,
     read_checked_engine,
 )
-from deploy.trt_backend import import_backend
+from deploy.engine.report import BuildReport
 from tests.deploy.build_graphs import contract_graph
 
 

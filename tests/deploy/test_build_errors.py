@@ -10,11 +10,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, save
 
-from deploy.build import BuildError, BuildOptions, build_engine
 from deploy.cli import cli
-from deploy.onnx_info import OnnxInputError
-from deploy.profiles import ProfileError
-from deploy.trt_backend import (
+from deploy.engine.backend import (
     BackendMissingError,
     TrtBackend,
     UnsupportedTargetError,
@@ -22,6 +19,9 @@ from deploy.trt_backend import (
     parse_sm,
     resolve_backend,
 )
+from deploy.engine.build import BuildError, BuildOptions, build_engine
+from deploy.engine.onnx_info import OnnxInputError
+from deploy.engine.profiles import ProfileError
 from tests.deploy.build_graphs import contract_graph, softcap_graph
 
 RTX = BuildOptions("tensorrt-rtx", (89,))
@@ -77,7 +77,7 @@ def test_plugin_graph_on_tensorrt_rtx_is_refused_before_it_aborts(tmp_path: Path
 
 
 def test_plugin_graph_without_plugins_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from deploy import build
+    from deploy.engine import build
 
     full = TrtBackend("tensorrt", types.SimpleNamespace(), "10.15.1")
     monkeypatch.setattr(build, "resolve_backend", lambda choice: full)
@@ -116,7 +116,7 @@ def test_bf16_needs_sm80(tmp_path: Path):
 
 
 def test_auto_prefers_the_full_tensorrt_only_with_a_gpu(monkeypatch: pytest.MonkeyPatch):
-    from deploy import trt_backend
+    from deploy.engine import backend as trt_backend
 
     full = TrtBackend("tensorrt", types.SimpleNamespace(), "10.15.1")
     real_import = trt_backend.import_backend
@@ -129,17 +129,17 @@ def test_auto_prefers_the_full_tensorrt_only_with_a_gpu(monkeypatch: pytest.Monk
 
 def test_rtx_default_target_is_the_local_gpu(monkeypatch: pytest.MonkeyPatch):
     rtx = import_backend("tensorrt-rtx")
-    monkeypatch.setattr("deploy.trt_backend.local_sm", lambda: None)
+    monkeypatch.setattr("deploy.engine.backend.local_sm", lambda: None)
     assert rtx.resolve_targets(()) == (89,)
-    monkeypatch.setattr("deploy.trt_backend.local_sm", lambda: 86)
+    monkeypatch.setattr("deploy.engine.backend.local_sm", lambda: 86)
     assert rtx.resolve_targets(()) == (86,)
-    monkeypatch.setattr("deploy.trt_backend.local_sm", lambda: 90)
+    monkeypatch.setattr("deploy.engine.backend.local_sm", lambda: 90)
     with pytest.raises(UnsupportedTargetError, match=r"this GPU is SM 90 .*pass --sm to build for another GPU"):
         rtx.resolve_targets(())
 
 
 def test_full_tensorrt_builds_only_for_the_local_gpu(monkeypatch: pytest.MonkeyPatch):
-    from deploy import gpu_info
+    from deploy.engine import gpu_info
 
     full = TrtBackend("tensorrt", types.SimpleNamespace(), "10.15.1")
     monkeypatch.setenv("G2TRT_NO_GPU", "1")
@@ -148,7 +148,7 @@ def test_full_tensorrt_builds_only_for_the_local_gpu(monkeypatch: pytest.MonkeyP
         full.resolve_targets(())
     monkeypatch.delenv("G2TRT_NO_GPU")
     gpu_info.local_sm.cache_clear()
-    monkeypatch.setattr("deploy.trt_backend.local_sm", lambda: 90)
+    monkeypatch.setattr("deploy.engine.backend.local_sm", lambda: 90)
     assert full.resolve_targets(()) == (90,) == full.resolve_targets((90,))
     with pytest.raises(
         UnsupportedTargetError, match=r"only for this machine's GPU, SM 90 .*--sm 89 needs --backend tensorrt-rtx"
@@ -195,7 +195,7 @@ def test_parser_errors_are_one_line(tmp_path: Path):
 
 
 def test_failed_build_keeps_the_previous_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from deploy import build
+    from deploy.engine import build
 
     model = contract_graph(tmp_path / "model.onnx")
     report = build_engine(model, tmp_path / "model.engine", RTX)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from deploy import trt_backend
-from deploy.build import BuildOptions, build_engine
+from deploy.engine import backend as trt_backend
+from deploy.engine.build import BuildOptions, build_engine
 from tests.deploy.build_graphs import contract_graph
 
 

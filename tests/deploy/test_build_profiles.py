@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy.onnx_info import IoTensor
-from deploy.profiles import DECODE, PREFILL, DimRange, ProfileError, make_ranges, parse_dims, plan_profiles
+from deploy.engine.onnx_info import IoTensor
+from deploy.engine.profiles import DECODE, PREFILL, DimRange, ProfileError, make_ranges, parse_dims, plan_profiles
 from export import io_contract as io
 
 INPUTS = (

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deploy.build import BuildOptions, build_engine
-from deploy.build_report import BuildReport
 from deploy.cli import cli
-from deploy.engine_meta import IncompatibleEngineError, check_engine_compatible, load_engine_meta
-from deploy.trt_backend import import_backend
+from deploy.engine.backend import import_backend
+from deploy.engine.build import BuildOptions, build_engine
+from deploy.engine.meta import IncompatibleEngineError, check_engine_compatible, load_engine_meta
+from deploy.engine.report import BuildReport
 from export import io_contract as io
 from export.config import SLIDING, Gemma2Config
 from tests.deploy.build_graphs import optimized

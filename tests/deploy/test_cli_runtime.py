@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import cli
-from deploy.tokenizer import write_id_tokenizer
+from deploy.generate.tokenizer import write_id_tokenizer
 
 
 def run(*args: str):
@@ -125,7 +125,7 @@ def test_generate_ids_torch_and_ort_agree(checkpoint_with_tokenizer):
 
 def test_trt_backend_without_a_gpu_is_one_line(runtime_export, tmp_path):
     """An engine with its side file resolves (config from the ONNX it names); running it needs a GPU."""
-    from deploy.engine_meta import EngineMeta, file_digest, write_engine_meta
+    from deploy.engine.meta import EngineMeta, file_digest, write_engine_meta
     from deploy.runners.trt_runner import cuda_available
 
     if cuda_available():

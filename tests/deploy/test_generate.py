@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deploy import kv_cache
-from deploy.generate import GenerationConfig, GenerationError, generate, pad_left
+from deploy.generate import kv_cache
+from deploy.generate.loop import GenerationConfig, GenerationError, generate, pad_left
+from deploy.generate.sampling import SamplingConfig
 from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
-from deploy.sampling import SamplingConfig
-from deploy.verify import position_ids
+from deploy.verify.parity import position_ids
 from export.weights import load_model
 
 NEW = 32

@@ -9,9 +9,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from deploy import triton_config as tc
-from deploy.engine_meta import EngineMeta, file_digest, write_engine_meta
-from deploy.package import PackageError, model_io, package, validate_repository
+from deploy.engine.meta import EngineMeta, file_digest, write_engine_meta
+from deploy.serve import triton_config as tc
+from deploy.serve.package import PackageError, model_io, package, validate_repository
 from export import io_contract as io
 from export.errors import G2trtError
 
@@ -35,7 +35,7 @@ def test_onnx_repository_layout_and_config(runtime_export, runtime_cfg, tmp_path
     assert config.default_model_filename == "model.onnx"
     assert config.dynamic_batching.max_queue_delay_microseconds == 100
     assert [g.kind for g in config.instance_group] == [tc.INSTANCE_KINDS["KIND_AUTO"]]
-    # Against the ONNX graph itself, independently of deploy.package's reader:
+    # Against the ONNX graph itself, independently of deploy.serve.package's reader:
     graph = onnx.load(str(runtime_export.model_path), load_external_data=False).graph
     for declared, values in ((config.input, graph.input), (config.output, graph.output)):
         assert [d.name for d in declared] == [v.name for v in values]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deploy import kv_cache
-from deploy.sampling import SamplingConfig, filtered_probs, next_tokens
-from deploy.tokenizer import TokenizerError, find_tokenizer, load_tokenizer, write_id_tokenizer
+from deploy.generate import kv_cache
+from deploy.generate.sampling import SamplingConfig, filtered_probs, next_tokens
+from deploy.generate.tokenizer import TokenizerError, find_tokenizer, load_tokenizer, write_id_tokenizer
 from export.config import preset
 from export.errors import G2trtError
 

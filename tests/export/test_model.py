@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.verify import position_ids
+from deploy.verify.parity import position_ids
 from export.config import GLOBAL, SLIDING, Gemma2Config, preset
 from export.model import Gemma2ForCausalLM, attention_bias, sliding_mask, softcap
 from export.weights import RandomWeights, load_model

@@ -3,7 +3,7 @@ contract names and dynamic dims, full onnx.checker, manifest, atomic writes, fp1
 
 Bounds (max |logit diff| on valid positions, prefill + 3 decode steps, batch 2 with left padding, a
 prompt longer than the window): fp32 <= 1e-4 vs the fp32 PyTorch model; fp16 <= 5e-2 and bf16 <= 2.5e-1
-vs the fp32 PyTorch model (the tolerance table lives in deploy/verify.py; measured values are ~10x lower).
+vs the fp32 PyTorch model (the tolerance table lives in deploy/verify/parity.py; measured values are ~10x lower).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from deploy.runners.onnx_reference_runner import OnnxReferenceRunner
 from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
-from deploy.verify import TOLERANCE, compare, parity_cases, position_ids
+from deploy.verify.parity import TOLERANCE, compare, parity_cases, position_ids
 from export import io_contract as io
 from export.config import SLIDING, preset
 from export.manifest import sha256

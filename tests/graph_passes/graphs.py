@@ -108,8 +108,8 @@ def top_ops(proto: onnx.ModelProto) -> list[str]:
 
 
 def prefill_feeds(cfg: Gemma2Config, dtype: type = np.float32) -> dict[str, np.ndarray]:
-    """Batch 2 with left padding, a prompt longer than the window (deploy/verify.py's second case)."""
-    from deploy.verify import parity_cases, position_ids
+    """Batch 2 with left padding, a prompt longer than the window (deploy/verify/parity.py's second case)."""
+    from deploy.verify.parity import parity_cases, position_ids
     from export import io_contract as io
 
     case = parity_cases(cfg)[1]
@@ -125,7 +125,7 @@ def prefill_feeds(cfg: Gemma2Config, dtype: type = np.float32) -> dict[str, np.n
 def max_output_diff(before: onnx.ModelProto, after: onnx.ModelProto, weights_dir: Path, feeds: dict) -> float:
     """Max |diff| over every output (logits and presents) of two graphs sharing `weights_dir`'s data.
 
-    Left-padded positions are undefined by contract and left out (deploy/verify.py): logits of padded
+    Left-padded positions are undefined by contract and left out (deploy/verify/parity.py): logits of padded
     query rows, cache entries of padded keys (no valid query ever attends to them).
     """
     outs = []

@@ -3,7 +3,7 @@ longer than the window, against the unoptimized export in onnxruntime.
 
 Bounds (max |logit diff| on valid positions): fp32 <= 1e-4 (measured ~1e-5); fp16 <= 1e-2 against the
 unoptimized fp16 export (measured ~4e-3: fp16 rounding of a different op order; both stay within
-deploy/verify.py's 5e-2 of the fp32 PyTorch model). Random configs cover no GQA expansion (KV == H), no
+deploy/verify/parity.py's 5e-2 of the fp32 PyTorch model). Random configs cover no GQA expansion (KV == H), no
 soft-caps, an odd layer count, a global first layer and query_pre_attn_scalar != head_dim.
 """
 
@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from deploy.cli import cli
 from deploy.runners.ort_runner import OrtRunner
-from deploy.verify import compare, parity_cases
-from deploy.verify_model import VerifyError, candidate_runner, verify_model
+from deploy.verify.model import VerifyError, candidate_runner, verify_model
+from deploy.verify.parity import compare, parity_cases
 from export.config import GLOBAL, SLIDING, Gemma2Config
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_onnx

@@ -2,7 +2,7 @@
 Python IPluginV3 API abort the process while the ONNX parser adds the first plugin node.
 
 This asserts today's behaviour (TensorRT-RTX 1.7.1): when a release changes it, this test fails, and
-docs/build.md and `deploy.build`'s refusal of plugin graphs on TensorRT-RTX need revisiting."""
+docs/build.md and `deploy.engine.build`'s refusal of plugin graphs on TensorRT-RTX need revisiting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.trt_backend import import_backend
+from deploy.engine.backend import import_backend
 from tests.deploy.build_graphs import contract_graph, optimized, softcap_graph
 from trt_plugins.registration.rtx_probe import run_probe
 

@@ -153,19 +153,52 @@ def _plugin_classes(trt: Any, module: ModuleType) -> tuple[type, type]:
     return Plugin, Creator
 
 
+def _small_profile(onnx_path: str) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """One small profile over the graph's inputs: every dynamic dim 1..4 (past lengths 0..4).
+
+    The probe only needs *a* buildable network; the engine builder's real profiles live in
+    deploy/engine/profiles.py, which this layer does not import.
+    """
+    import onnx
+
+    proto = onnx.load(onnx_path, load_external_data=False)
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for value in proto.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+        lo = tuple(d if isinstance(d, int) else (0 if "past" in d else 1) for d in dims)
+        mid = tuple(d if isinstance(d, int) else 2 for d in dims)
+        hi = tuple(d if isinstance(d, int) else 4 for d in dims)
+        shapes[value.name] = (lo, mid, hi)
+    return shapes
+
+
+class _Logger:
+    """A TensorRT logger that keeps the errors (the probe prints the last one when a build fails)."""
+
+    def __new__(cls, trt: Any) -> Any:
+        class Logger(trt.ILogger):  # type: ignore[misc]
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity <= trt.ILogger.Severity.ERROR:
+                    self.errors.append(msg)
+
+        return Logger()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("onnx")
     ap.add_argument("--sm", type=int, default=89)
     args = ap.parse_args(argv)
 
-    from deploy import profiles
-    from deploy.onnx_info import inspect_onnx
-    from deploy.trt_backend import import_backend
+    import importlib
+
     from trt_plugins import PLUGINS
 
-    backend = import_backend("tensorrt-rtx")
-    trt = backend.trt
+    trt = importlib.import_module("tensorrt_rtx_bindings")
     print("stage imported", flush=True)
     registry = trt.get_plugin_registry()
     creators = [_plugin_classes(trt, m)[1]() for m in PLUGINS.values()]
@@ -174,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"register_creator failed for {c.name}", file=sys.stderr)
             return 2
     print("stage registered", flush=True)
-    logger = backend.logger()
+    logger = _Logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -183,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     print("stage parsed", flush=True)
     config = builder.create_builder_config()
-    backend.apply_targets(config, (args.sm,))
-    for p in profiles.plan_profiles(inspect_onnx(args.onnx).inputs, profiles.make_ranges()):
-        trt_profile = builder.create_optimization_profile()
-        for name, (lo, mid, hi) in p.shapes.items():
-            trt_profile.set_shape(name, lo, mid, hi)
-        config.add_optimization_profile(trt_profile)
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{args.sm}"), 0)
+    profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in _small_profile(args.onnx).items():
+        profile.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         print(f"build failed: {logger.errors[-1:]}", file=sys.stderr)

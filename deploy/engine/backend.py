@@ -3,7 +3,7 @@
 Both expose the same builder API (Builder, STRONGLY_TYPED networks, OnnxParser, optimization
 profiles, IStreamWriter); they differ in where an engine may run. TensorRT-RTX compiles ahead of time
 for compute capabilities named in the builder config (no GPU needed); the full TensorRT builds for the
-GPU it runs on. Everything else in `deploy.build` is written once against the shared API.
+GPU it runs on. Everything else in `deploy.engine.build` is written once against the shared API.
 
 Modules are imported lazily: the CLI works without either, and a missing one is a one-line error that
 says what to `pip install`.
@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-from deploy.gpu_info import describe_sm, local_sm
+from deploy.engine.gpu_info import describe_sm, local_sm
 from export.errors import G2trtError
 
 BackendName = Literal["tensorrt", "tensorrt-rtx"]

@@ -2,7 +2,7 @@
 
 `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32 -e cpu` converts a local Hugging
 Face directory offline. It loads a tokenizer with `AutoTokenizer` even though it only converts weights,
-so a random model gets `deploy.tokenizer.write_id_tokenizer`'s minimal tokenizer beside its weights.
+so a random model gets `deploy.generate.tokenizer.write_id_tokenizer`'s minimal tokenizer beside its weights.
 Timing uses genai's Generator API the way its examples do: `append_tokens` (prefill) then
 `generate_next_token` per token, greedy, `min_length = max_length` so every run makes the same number
 of tokens.
@@ -41,7 +41,7 @@ def write_hf_checkpoint(source: WeightSource, directory: Path) -> Path:
     """A HF checkpoint directory (config.json, model.safetensors, tokenizer) holding `source`'s weights."""
     from safetensors.torch import save_file
 
-    from deploy.tokenizer import write_id_tokenizer
+    from deploy.generate.tokenizer import write_id_tokenizer
 
     with atomic_dir(directory) as tmp:
         tensors = {name: source.get(name).contiguous() for name in source.names()}
@@ -53,7 +53,7 @@ def write_hf_checkpoint(source: WeightSource, directory: Path) -> Path:
 
 def with_tokenizer(checkpoint: Path, source: WeightSource, work: Path) -> Path:
     """`checkpoint` itself if it has a tokenizer; else a shadow directory of links plus an id tokenizer."""
-    from deploy.tokenizer import TOKENIZER_FILE, write_id_tokenizer
+    from deploy.generate.tokenizer import TOKENIZER_FILE, write_id_tokenizer
 
     if (checkpoint / TOKENIZER_FILE).is_file():
         return checkpoint

@@ -5,7 +5,7 @@
 
 The network is strongly typed: every tensor keeps the precision the ONNX gives it (an fp16 engine
 comes from an fp16 export; TensorRT never picks precisions by itself, so fp32 residuals and norms stay
-fp32). Two optimization profiles (prefill, decode; see deploy/profiles.py). Everything that can be
+fp32). Two optimization profiles (prefill, decode; see deploy/engine/profiles.py). Everything that can be
 checked before TensorRT runs is checked first, so bad input is a one-line error rather than a
 TensorRT log or, for TensorRT-RTX given a plugin, an aborted process. The engine and its side file are
 written atomically; the engine streams to disk while it is hashed.
@@ -21,12 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from deploy import profiles as prof
-from deploy import trt_api
-from deploy.build_report import BuildReport
-from deploy.engine_meta import EngineMeta, meta_path, write_engine_meta
-from deploy.onnx_info import OnnxInfo, inspect_onnx
-from deploy.trt_backend import TrtBackend, UnsupportedTargetError, no_gc_inside_tensorrt, resolve_backend
+from deploy.engine import profiles as prof
+from deploy.engine import trt_api
+from deploy.engine.backend import TrtBackend, UnsupportedTargetError, no_gc_inside_tensorrt, resolve_backend
+from deploy.engine.meta import EngineMeta, meta_path, write_engine_meta
+from deploy.engine.onnx_info import OnnxInfo, inspect_onnx
+from deploy.engine.report import BuildReport
 from export.atomic import atomic_file
 from export.errors import G2trtError
 

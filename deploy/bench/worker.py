@@ -1,4 +1,4 @@
-"""One benchmark backend in its own process: `python -m deploy.bench_worker FD` (started by deploy.bench).
+"""One benchmark backend in its own process: `python -m deploy.bench.worker FD` (started by deploy.bench.run).
 
 Protocol over the inherited socket FD (multiprocessing Connection, pickled tuples):
   parent -> WorkerSpec                 then: ("ready", {load_s, base_rss_mib}) or ("error", reason)
@@ -34,7 +34,7 @@ def rss_mib(field: str) -> float | None:
 def load(spec: Any) -> Any:
     """The runner (or genai model) a WorkerSpec describes."""
     if spec.kind == "genai":
-        from deploy.genai_peer import GenaiModel
+        from deploy.bench.genai_peer import GenaiModel
 
         return GenaiModel(Path(spec.path), spec.threads)
     cfg = spec.model.gemma
@@ -56,10 +56,10 @@ def load(spec: Any) -> Any:
 
 
 def trial(backend: Any, input_ids: np.ndarray, new: int) -> dict[str, Any]:
-    """Greedy generation of exactly `new` tokens (no stop token), timed by `deploy.generate`."""
+    """Greedy generation of exactly `new` tokens (no stop token), timed by `deploy.generate.loop`."""
     if hasattr(backend, "trial"):
         return backend.trial(input_ids, new)
-    from deploy.generate import GenerationConfig, generate
+    from deploy.generate.loop import GenerationConfig, generate
 
     g = generate(backend, input_ids.tolist(), GenerationConfig(max_new_tokens=new, stop_tokens=(), cache="window"))
     return {"ttft_s": g.prefill_s, "step_s": g.step_s, "tokens": g.tokens, "kv_bytes": g.kv_peak_bytes}

@@ -4,7 +4,7 @@ The loop is the one onnxruntime-genai and HF `generate` run: left padding with `
 positions that skip the padding, sampling from the last position's logits, rows that stop early keep
 decoding pad tokens (their output is cut at the stop token) until every row stops or
 `max_new_tokens` is reached. Between steps the KV cache follows a `CachePolicy` (`window` keeps each
-sliding layer's last `sliding_window - 1` entries, see `deploy.kv_cache`).
+sliding layer's last `sliding_window - 1` entries, see `deploy.generate.kv_cache`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from deploy import kv_cache
+from deploy.generate import kv_cache
+from deploy.generate.sampling import SamplingConfig, next_tokens
 from deploy.runners.base import Runner
-from deploy.sampling import SamplingConfig, next_tokens
-from deploy.verify import position_ids
+from deploy.verify.parity import position_ids
 from export.config import Gemma2Config
 from export.errors import G2trtError
 

@@ -2,7 +2,7 @@
 
 Why not `tensorrt-stubs`: its 10.13.0.35.1 release does not parse (parameters named `in`, a default
 before a non-default), mypy skips it without a py.typed marker, it has no `tensorrt.plugin`, and
-TensorRT-RTX has no stubs at all. These Protocols name exactly what `deploy.build` calls, so mypy
+TensorRT-RTX has no stubs at all. These Protocols name exactly what `deploy.engine.build` calls, so mypy
 checks the calls, and tests/deploy/test_build_api.py checks every member exists in the installed
 TensorRT-RTX.
 """

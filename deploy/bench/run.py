@@ -1,7 +1,7 @@
 """`g2trt bench`: every backend timed in one run, interleaved, with warm-up, against onnxruntime.
 
 Method (say it with the numbers):
-- Each backend lives in its own process (`python -m deploy.bench_worker`), so its peak resident
+- Each backend lives in its own process (`python -m deploy.bench.worker`), so its peak resident
   memory is its own: `peak_rss` is the process's VmHWM (Linux high-water RSS) after all its trials,
   which includes Python and the libraries; `base_rss` is the process before the backend's libraries
   and model load (the interpreter and numpy).
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy.bench_report import machine_info, write_results
+from deploy.bench.report import machine_info, write_results
 from export.config import Gemma2Config, config_from_hf_dict
 from export.errors import G2trtError
 
@@ -214,12 +214,12 @@ def optimized_onnx(model_path: Path, target: str, out: Path) -> str:
 
 
 def build_engine(model_path: Path, out: Path, settings: BenchSettings) -> str:
-    """A TensorRT engine of `model_path` whose profiles cover the benchmark's shapes (deploy.build).
+    """A TensorRT engine of `model_path` whose profiles cover the benchmark's shapes (deploy.engine.build).
 
     UNVERIFIED: needs a GPU (it only runs when `trt` is not skipped).
     """
-    from deploy.build import BuildOptions
-    from deploy.build import build_engine as build
+    from deploy.engine.build import BuildOptions
+    from deploy.engine.build import build_engine as build
 
     top = max(settings.prompts) + settings.new_tokens
     dims = {"batch": max(settings.batches), "seq": max(settings.prompts), "past": top}
@@ -229,7 +229,7 @@ def build_engine(model_path: Path, out: Path, settings: BenchSettings) -> str:
 
 
 def genai_model(model: ModelSpec, work: Path) -> str:
-    from deploy import genai_peer
+    from deploy.bench import genai_peer
 
     reason = genai_peer.unavailable_reason()
     if reason:
@@ -248,7 +248,7 @@ def genai_model(model: ModelSpec, work: Path) -> str:
 
 
 class _Worker:
-    """One backend in its own `python -m deploy.bench_worker` process, driven over a socket pair.
+    """One backend in its own `python -m deploy.bench.worker` process, driven over a socket pair.
 
     A fresh interpreter (not multiprocessing's spawn) so the caller's `__main__` is never re-run and
     the process's memory high-water mark is that backend's alone.
@@ -262,7 +262,7 @@ class _Worker:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         with open(log, "wb") as f:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "deploy.bench_worker", str(fd)],
+                [sys.executable, "-m", "deploy.bench.worker", str(fd)],
                 pass_fds=[fd],
                 stdin=subprocess.DEVNULL,
                 stdout=f,

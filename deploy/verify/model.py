@@ -3,8 +3,8 @@
 The reference weights are the model's own: `--checkpoint DIR`, else the source its manifest records
 (a checkpoint path, or the seed of random weights, re-drawn). `trt`-target graphs run their plugin
 nodes as the PyTorch reference ops (trt_plugins/ort_ops.py), so a TensorRT graph is checked here,
-on CPU. Cases: deploy/verify.py's parity cases (batch 2 with left padding, a prompt longer than the
-window), prefill + 3 decode steps; bound: deploy/verify.py's TOLERANCE for the model's dtype.
+on CPU. Cases: deploy/verify/parity.py's parity cases (batch 2 with left padding, a prompt longer than the
+window), prefill + 3 decode steps; bound: deploy/verify/parity.py's TOLERANCE for the model's dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from deploy.runners.base import Runner
 from deploy.runners.onnx_reference_runner import OnnxReferenceRunner
 from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
-from deploy.verify import TOLERANCE, Report, compare, parity_cases
+from deploy.verify.parity import TOLERANCE, Report, compare, parity_cases
 from export.checkpoint import open_checkpoint
 from export.config import Gemma2Config
 from export.errors import G2trtError

@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from deploy.gpu_info import describe_sm
-from deploy.trt_backend import LABELS, version_tuple
+from deploy.engine.backend import LABELS, version_tuple
+from deploy.engine.gpu_info import describe_sm
 from export.atomic import atomic_file
 from export.errors import G2trtError
 
@@ -177,7 +177,7 @@ def check_engine_compatible(
 
 
 def read_checked_engine(engine_path: str | Path, backend: Any, device_sm: int | None) -> tuple[bytes, EngineMeta]:
-    """For runners: check against a `deploy.trt_backend.TrtBackend`, then return the bytes to deserialize."""
+    """For runners: check against a `deploy.engine.backend.TrtBackend`, then return the bytes to deserialize."""
     meta = check_engine_compatible(engine_path, backend.version, device_sm, backend.name, verify_hash=False)
     data = Path(engine_path).read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.engine_sha256:

@@ -11,7 +11,7 @@ from typing import Any
 
 
 def plot(result: Any, path: Path) -> None:
-    """Write `result` (a deploy.bench.BenchResult) as a PNG to `path`."""
+    """Write `result` (a deploy.bench.run.BenchResult) as a PNG to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,7 +32,7 @@ from typing import Any
 
 import onnx
 
-from deploy import triton_config as tc
+from deploy.serve import triton_config as tc
 from export import io_contract as io
 from export.atomic import atomic_dir
 from export.config import Gemma2Config
@@ -174,7 +174,7 @@ def package(
         if missing:
             raise PackageError(f"{onnx_path}: external data file {missing[0].name} is missing")
     else:
-        from deploy.engine_meta import check_engine_compatible, load_engine_meta, meta_path
+        from deploy.engine.meta import check_engine_compatible, load_engine_meta, meta_path
 
         meta = load_engine_meta(ref.path)
         check_engine_compatible(ref.path, meta.trt_version, None)  # size, magic and sha256 of the plan

@@ -1,6 +1,6 @@
 """What `g2trt bench` reports: the machine it ran on, the tables (terminal and Markdown), the JSON and the plot.
 
-Kept apart from deploy/bench.py (which runs the trials) so reading a result never starts a backend.
+Kept apart from deploy/bench/run.py (which runs the trials) so reading a result never starts a backend.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deploy.bench import BenchResult
+    from deploy.bench.run import BenchResult
 
 _VERSIONED = ("torch", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "tensorrt", "tensorrt_rtx_cu13_bindings")
 
@@ -58,7 +58,7 @@ def machine_info() -> dict[str, Any]:
 
 def write_results(result: BenchResult, out: Path, stem: str = "bench") -> dict[str, Path]:
     """`stem`.json and `stem`.png (and `stem`.md, the table as Markdown) under `out`, each written atomically."""
-    from deploy.bench_plot import plot
+    from deploy.bench.plot import plot
     from export.atomic import atomic_file
 
     out.mkdir(parents=True, exist_ok=True)

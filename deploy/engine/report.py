@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from deploy.engine_meta import EngineMeta
-from deploy.gpu_info import describe_sm
-from deploy.trt_backend import LABELS
+from deploy.engine.backend import LABELS
+from deploy.engine.gpu_info import describe_sm
+from deploy.engine.meta import EngineMeta
 
 
 @dataclasses.dataclass(frozen=True)

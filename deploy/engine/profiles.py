@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from deploy.onnx_info import IoTensor
+from deploy.engine.onnx_info import IoTensor
 from export import io_contract as io
 from export.errors import G2trtError
 

@@ -12,9 +12,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from deploy.generate import Generation, GenerationConfig, GenerationError, generate
+from deploy.generate.loop import Generation, GenerationConfig, GenerationError, generate
+from deploy.generate.tokenizer import Tokenizer, TokenizerError, find_tokenizer, load_tokenizer
 from deploy.runners.factory import check_backend, open_runner, resolve_model
-from deploy.tokenizer import Tokenizer, TokenizerError, find_tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass

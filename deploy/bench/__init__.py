@@ -1,0 +1,1 @@
+"""Benchmarks of every backend against onnxruntime and onnxruntime-genai, each backend in its own process."""

@@ -1,0 +1,1 @@
+"""Text generation on any runner: the token loop, its KV cache policy, sampling and tokenizers."""
