@@ -4,6 +4,7 @@ provider cannot, so a bf16 export is still verified numerically here (tiny model
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import ml_dtypes
 import numpy as np
@@ -22,6 +23,8 @@ _NP = {
 
 
 class OnnxReferenceRunner:
+    kv_cache: Literal["dynamic"] = "dynamic"
+
     def __init__(self, model_path: str | Path, config: Gemma2Config, name: str = "onnx-reference") -> None:
         self.name = name
         self.config = config

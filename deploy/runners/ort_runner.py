@@ -7,13 +7,24 @@ onnxruntime) and the `trt` target, whose g2trt plugin nodes run as the reference
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from deploy.runners.base import KVCache, contract_feeds, split_outputs, zeros_past
+from deploy.runners.base import (
+    CacheSizeError,
+    InplaceCache,
+    KVCache,
+    allocate_buffers,
+    check_step,
+    contract_feeds,
+    split_outputs,
+    zeros_past,
+)
 from export import io_contract as io
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -22,6 +33,10 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OrtRunner:
+    """The dynamic contract: past in, presents (past + this step) out, as numpy arrays."""
+
+    kv_cache: Literal["dynamic"] = "dynamic"
+
     def __init__(
         self,
         model_path: str | Path,
@@ -35,23 +50,9 @@ class OrtRunner:
     ) -> None:
         self.name = name
         self.config = config
-        so = session_options or ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        if not optimize:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            if uses_plugin_ops(model_path):
-                self.session = plugin_session(model_path, so, providers)
-            else:
-                self.session = ort.InferenceSession(str(model_path), so, providers=providers or default_providers())
-        except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
-            raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
-        check_contract(self.session, config, str(model_path))
-        past_type = {i.name: i.type for i in self.session.get_inputs()}[io.past_name(0, "key")]
-        if past_type not in _NP:
-            raise G2trtError(f"{model_path}: KV cache type {past_type} cannot run on onnxruntime CPU")
-        self.kv_dtype = _NP[past_type]
+        self.session = open_session(model_path, threads, optimize, providers, session_options)
+        check_contract(self.session, config, str(model_path), self.kv_cache)
+        self.kv_dtype = cache_dtype(self.session, str(model_path))
 
     def empty_past(self, batch: int) -> KVCache:
         return zeros_past(self.config, batch, self.kv_dtype)
@@ -61,6 +62,123 @@ class OrtRunner:
     ) -> tuple[np.ndarray, KVCache]:
         feeds = contract_feeds(input_ids, attention_mask, position_ids, past)
         return split_outputs(self.session.run(None, feeds))
+
+
+class OrtInplaceRunner:
+    """The in-place contract on onnxruntime: one buffer bound as both past and present (IOBinding).
+
+    onnxruntime's TensorScatter (and GroupQueryAttention) see the same pointer for past and present and
+    write only this step's tokens. Inputs and logits live in arrays bound once per (cache, batch, length),
+    so a repeated step shape (decode) costs two small array writes and `run_with_iobinding`: nothing
+    allocated, no cache copied, no dict of feeds built per token.
+
+    The logits returned are the bound output array itself: valid until the next step of that shape
+    (copy them to keep them).
+    """
+
+    kv_cache: Literal["inplace"] = "inplace"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: Gemma2Config,
+        *,
+        name: str = "ort",
+        threads: int | None = None,
+        optimize: bool = True,
+        providers: list[str] | None = None,
+        session_options: ort.SessionOptions | None = None,
+        full_sliding: bool = False,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.full_sliding = full_sliding
+        self.session = open_session(model_path, threads, optimize, providers, session_options)
+        check_contract(self.session, config, str(model_path), self.kv_cache)
+        self.kv_dtype = cache_dtype(self.session, str(model_path))
+        logits = next(o for o in self.session.get_outputs() if o.name == io.LOGITS)
+        self.last_logits_only = logits.shape[1] == 1
+        self._bindings: dict[tuple[int, int, int], _Binding] = {}
+
+    def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
+        ring = length if self.full_sliding or ring is None else ring
+        return allocate_buffers(self.config, batch, length, ring, lambda shape: np.zeros(shape, self.kv_dtype))
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:
+        check_step(cache, input_ids, position_ids, self.config.sliding_window)
+        b, s = input_ids.shape
+        key = (_address(cache.buffers[0][0]), b, s)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bind(cache, b, s)
+            if s == 1:  # decode shapes repeat every token; prompt shapes rarely do
+                self._bindings[key] = binding
+        binding.input_ids[...] = input_ids
+        binding.position_ids[...] = position_ids
+        self.session.run_with_iobinding(binding.io)
+        return binding.logits
+
+    def release(self, cache: InplaceCache) -> None:
+        """Forget the bindings of `cache` (they keep its buffers alive)."""
+        first = _address(cache.buffers[0][0])
+        self._bindings = {k: v for k, v in self._bindings.items() if k[0] != first}
+
+    def _bind(self, cache: InplaceCache, b: int, s: int) -> _Binding:
+        ids = np.zeros((b, s), dtype=np.int64)
+        pos = np.zeros((b, s), dtype=np.int64)
+        logits = np.zeros((b, 1 if self.last_logits_only else s, self.config.vocab_size), dtype=np.float32)
+        bound = self.session.io_binding()
+        for name, array in ((io.INPUT_IDS, ids), (io.POSITION_IDS, pos)):
+            bound.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        bound.bind_output(io.LOGITS, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        for i, (k, v) in enumerate(cache.buffers):
+            for kind, buf in (("key", k), ("value", v)):
+                if not buf.flags.c_contiguous:
+                    raise CacheSizeError("in-place cache buffers must be C-contiguous")
+                ptr = buf.ctypes.data
+                bound.bind_input(io.past_name(i, kind), "cpu", 0, buf.dtype, buf.shape, ptr)
+                bound.bind_output(io.present_name(i, kind), "cpu", 0, buf.dtype, buf.shape, ptr)
+        return _Binding(bound, ids, pos, logits, cache)
+
+
+@dataclasses.dataclass
+class _Binding:
+    io: ort.IOBinding
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    logits: np.ndarray
+    cache: InplaceCache  # keeps the bound buffers alive
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def open_session(
+    model_path: str | Path,
+    threads: int | None,
+    optimize: bool,
+    providers: list[str] | None,
+    session_options: ort.SessionOptions | None,
+) -> ort.InferenceSession:
+    so = session_options or ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if uses_plugin_ops(model_path):
+            return plugin_session(model_path, so, providers)
+        return ort.InferenceSession(str(model_path), so, providers=providers or default_providers())
+    except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
+        raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
+
+
+def cache_dtype(session: ort.InferenceSession, source: str) -> type:
+    past_type = {i.name: i.type for i in session.get_inputs()}[io.past_name(0, "key")]
+    if past_type not in _NP:
+        raise G2trtError(f"{source}: KV cache type {past_type} cannot run on onnxruntime CPU")
+    return _NP[past_type]
 
 
 def default_providers() -> list[str]:
@@ -89,11 +207,19 @@ def plugin_session(model_path: str | Path, so: ort.SessionOptions, providers: li
     return ort_ops.inference_session(model_path, so, providers or ["CPUExecutionProvider"])
 
 
-def check_contract(session: ort.InferenceSession, cfg: Gemma2Config, source: str) -> None:
-    """Fail with one line if the graph's input/output names are not the g2trt contract."""
+def check_contract(
+    session: ort.InferenceSession, cfg: Gemma2Config, source: str, kv_cache: io.KvCache = "dynamic"
+) -> None:
+    """Fail with one line if the graph's input/output names are not the g2trt contract `kv_cache`."""
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
-    for kind, got, want in (("inputs", got_in, io.input_names(cfg)), ("outputs", got_out, io.output_names(cfg))):
+    if got_in in (io.input_names(cfg, c) for c in io.KV_CACHES) and io.contract_of(got_in) != kv_cache:
+        raise G2trtError(
+            f"{source}: a graph of the {io.contract_of(got_in)} KV cache contract, given to a runner of the "
+            f"{kv_cache} one (export with --kv-cache {kv_cache}, or run it with --kv-cache {io.contract_of(got_in)})"
+        )
+    want_in = io.input_names(cfg, kv_cache)
+    for kind, got, want in (("inputs", got_in, want_in), ("outputs", got_out, io.output_names(cfg))):
         if got != want:
             missing = [n for n in want if n not in got]
             extra = [n for n in got if n not in want]

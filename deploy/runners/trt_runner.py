@@ -16,7 +16,7 @@ machines without either. UNVERIFIED: g2trt's development machines have no GPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,8 @@ def unavailable_reason(backend: str = "auto") -> str | None:
 
 
 class TrtRunner:
+    kv_cache: Literal["dynamic"] = "dynamic"
+
     def __init__(self, engine_path: str | Path, config: Gemma2Config, *, name: str = "trt") -> None:
         import torch
 
