@@ -29,6 +29,7 @@ from deploy.verify.model import Verification, VerifyError, verify_model
 from export.atomic import atomic_file
 from export.checkpoint import weight_bytes
 from export.errors import G2trtError
+from export.io_contract import KvCache
 from export.onnx_export import DType, ExportOptions, export_onnx
 from export.weights import load_model, open_weights
 
@@ -46,7 +47,8 @@ class PipelineOptions:
     preset: str = "tiny"
     seed: int = 0
     dtype: DType = "fp32"
-    opset: int = 18
+    opset: int | None = None  # None: the contract's default (18 dynamic, 24 in-place)
+    kv_cache: KvCache = "inplace"  # the runtime default; "dynamic" exports Optimum/genai's I/O
     sm: int = 89  # TensorRT-RTX target compute capability of the engine
     bench: bool = True
     verify_max_len: int = 512  # cap on the "longer than window" case (real windows are 4096)
@@ -84,7 +86,8 @@ def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: Pipeli
     rows: list[StageRow] = []
 
     with ui.weight_progress(weight_bytes(source.config, options.dtype), "export") as advance:
-        exported = export_onnx(source, out / "onnx", ExportOptions(dtype=options.dtype, opset=options.opset), advance)
+        export_options = ExportOptions(dtype=options.dtype, opset=options.opset, kv_cache=options.kv_cache)
+        exported = export_onnx(source, out / "onnx", export_options, advance)
     size = sum(p.stat().st_size for p in (out / "onnx").glob("model.onnx*"))
     rows.append(StageRow("export", f"ok: {ui.human_bytes(size)}", exported.seconds, str(exported.model_path)))
 
@@ -152,7 +155,14 @@ def _bench(
     from deploy.bench.run import BenchSettings, run
 
     settings = BenchSettings(
-        batches=(1,), prompts=(32,), new_tokens=8, warmup=1, repeats=3, dtype=options.dtype, seed=options.seed
+        batches=(1,),
+        prompts=(32,),
+        new_tokens=8,
+        warmup=1,
+        repeats=3,
+        dtype=options.dtype,
+        seed=options.seed,
+        kv_cache=options.kv_cache,
     )
     result, paths = run(
         checkpoint,

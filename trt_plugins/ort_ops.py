@@ -37,7 +37,7 @@ from trt_plugins.spec import DOMAIN, PluginSpec
 
 CONTRIB = "ai.onnx.contrib"
 OP_PREFIX = "G2trt"
-_INT_INPUTS = {"attention_mask"}  # every other plugin input/output is floating point
+_INT_INPUTS = {"attention_mask", "position_ids"}  # every other plugin input/output is floating point
 _WIDENED = ("float16", "bfloat16")  # carried through fp32 (the Python op API has no fp16)
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ONNX_TYPES = {

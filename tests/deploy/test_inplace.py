@@ -28,7 +28,7 @@ from tests.deploy.build_graphs import optimized
 
 LENGTHS = (25, 22, 5)
 NEW = 64
-TARGETS = ("plain", "ort", "trt-native")
+TARGETS = ("plain", "ort", "trt-native", "trt")  # trt: its plugin nodes run as the reference ops
 
 
 @pytest.fixture(scope="module")
