@@ -228,7 +228,11 @@ def validate_generate_model(model_dir: Path, config: Any | None = None) -> None:
         if engine is not None and not (version / (ENGINE_FILE + ".json")).is_file():
             raise GenerateModelError(f"{engine}: its side file {ENGINE_FILE}.json is missing")
         if onnx is not None:
-            missing = [d.name for d in _external_files(onnx) if not d.is_file()]
+            try:
+                data_files = _external_files(onnx)
+            except Exception as e:  # onnx raises protobuf's DecodeError, OSError, ...
+                raise GenerateModelError(f"{onnx}: unreadable ONNX ({str(e).splitlines()[0][:200]})") from None
+            missing = [d.name for d in data_files if not d.is_file()]
             if missing:
                 raise GenerateModelError(f"{onnx}: external data file {missing[0]} is missing beside it")
 
