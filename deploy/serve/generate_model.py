@@ -92,11 +92,13 @@ def package_repository(
     **standard: Any,
 ) -> tuple[PackageResult, GenerateModelResult | None]:
     """`g2trt package`: the standard-backend model `name` (`deploy.serve.package.package`, for NVIDIA's
-    containers) and, unless `generate` is off, the generation model `name`_generate beside it."""
+    containers) and, unless `generate` is off, the generation model `name`_generate beside it. The
+    generation model's inputs are checked first, so a bad setting writes nothing."""
+    plan = _plan(model, tokenizer, params) if generate else None
     result = package(model, out, name=name, **standard)
-    if not generate:
+    if plan is None:
         return result, None
-    return result, write_generate_model(model, out, generate_name(name), tokenizer=tokenizer, params=params)
+    return result, _write(plan, model, Path(out), generate_name(name), params)
 
 
 def write_generate_model(
@@ -108,6 +110,19 @@ def write_generate_model(
     params: ServingParams = ServingParams(),
 ) -> GenerateModelResult:
     """Write REPO/`name`/ serving `model` (an ONNX model or an engine) through the Python backend."""
+    return _write(_plan(model, tokenizer, params), model, Path(repo), name, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    config: Gemma2Config
+    files: dict[str, Path]  # version-folder name -> source
+    tokenizer: Path | None
+    max_len: int
+
+
+def _plan(model: str | Path, tokenizer: str | Path | None, params: ServingParams) -> _Plan:
+    """Everything checked, nothing written: the model's config, the files to link, the tokenizer."""
     from deploy.generate.tokenizer import find_tokenizer, load_tokenizer
     from deploy.runners.factory import resolve_model
 
@@ -123,7 +138,11 @@ def write_generate_model(
         if tok.vocab_size > cfg.vocab_size:
             raise GenerateModelError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's {cfg.vocab_size}")
         files["tokenizer.json"] = tok.path
+    return _Plan(cfg, files, found, max_len)
 
+
+def _write(plan: _Plan, model: str | Path, repo: Path, name: str, params: ServingParams) -> GenerateModelResult:
+    cfg, files = plan.config, plan.files
     config = tc.ModelConfig(name=name, backend="python", max_batch_size=0)
     _add(config.input, INPUTS, optional=True)
     _add(config.output, OUTPUTS, optional=False)
@@ -139,7 +158,7 @@ def write_generate_model(
         "inputs": [dataclasses.asdict(s) for s in INPUTS],
         "outputs": [dataclasses.asdict(s) for s in OUTPUTS],
     }
-    with atomic_dir(Path(repo) / name) as tmp:
+    with atomic_dir(repo / name) as tmp:
         version = tmp / "1"
         version.mkdir()
         for dest, src in files.items():
@@ -147,9 +166,9 @@ def write_generate_model(
         (version / "model.py").write_text(MODEL_PY)
         (tmp / "config.pbtxt").write_text(tc.to_text(config))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    model_dir = Path(repo) / name
+    model_dir = repo / name
     validate_generate_model(model_dir)
-    return GenerateModelResult(model_dir, tuple(files), found, params, max_len)
+    return GenerateModelResult(model_dir, tuple(files), plan.tokenizer, params, plan.max_len)
 
 
 def _runtime_files(kind: str, path: Path) -> dict[str, Path]:

@@ -53,10 +53,9 @@ class IncrementalText:
 class TritonSink:
     """One request's response sender as a scheduler `Sink`."""
 
-    def __init__(self, pb: Any, request: Any, parsed: GenerateRequest, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, pb: Any, sender: Any, parsed: GenerateRequest, tokenizer: Tokenizer | None) -> None:
         self.pb = pb
-        self.request = request
-        self.sender = request.get_response_sender()
+        self.sender = sender
         self.stream = parsed.stream
         self.tokens: list[int] = []
         self.text = IncrementalText(tokenizer) if tokenizer is not None else None
@@ -136,14 +135,19 @@ class GenerateModel:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
+        sender = request.get_response_sender()  # one per request: every answer, error or token, goes through it
         try:
             parsed = parse_request(get, self.limits, self.tokenizer)
-            self.scheduler.submit(parsed, TritonSink(self.pb, request, parsed, self.tokenizer))
+            self.scheduler.submit(parsed, TritonSink(self.pb, sender, parsed, self.tokenizer))
         except RequestError as e:
-            sender = request.get_response_sender()
-            error = self.pb.TritonError(str(e), getattr(self.pb.TritonError, "INVALID_ARG", None))
-            flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            sender.send(self.pb.InferenceResponse(error=error), flags=flags)
+            self._refuse(sender, str(e), "INVALID_ARG")
+        except Exception as e:  # a bug here must answer the request, not leave its client waiting
+            self._refuse(sender, f"internal error: {type(e).__name__}: {e}", "INTERNAL")
+
+    def _refuse(self, sender: Any, message: str, code: str) -> None:
+        error = self.pb.TritonError(message, getattr(self.pb.TritonError, code, None))
+        with contextlib.suppress(Exception):
+            sender.send(self.pb.InferenceResponse(error=error), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _log(self, message: str) -> None:
         logger = getattr(self.pb, "Logger", None)

@@ -273,6 +273,7 @@ class FakeResponse:
 
 class FakeError:
     INVALID_ARG = "INVALID_ARG"
+    INTERNAL = "INTERNAL"
 
     def __init__(self, message: str, code=None) -> None:
         self.message, self.code = message, code
