@@ -234,7 +234,10 @@ def validate_generate_model(model_dir: Path, config: Any | None = None) -> None:
     values = {k: v.string_value for k, v in config.parameters.items()}
     params = _checked(lambda: ServingParams.from_parameters(values, where))
     cfg: Gemma2Config = manifest_config(_checked(lambda: read_meta(model_dir)))
-    _checked(lambda: max_len_of(params, cfg))
+    try:
+        max_len_of(params, cfg)
+    except ServingError as e:
+        raise GenerateModelError(f"{where}: {e}") from None
     versions = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not versions:
         raise GenerateModelError(f"{model_dir}: no numeric version directory (expected {model_dir.name}/1/)")
