@@ -136,6 +136,7 @@ def export_cmd(
     show_default=True,
     help="KV cache contract of the export and everything after it.",
 )
+@click.option("--no-serve", is_flag=True, help="Skip packaging, serving and querying the model (Triton).")
 @_one_line_errors
 def pipeline_cmd(
     checkpoint: Path | None,
@@ -147,9 +148,11 @@ def pipeline_cmd(
     sm: int,
     no_bench: bool,
     kv_cache: str,
+    no_serve: bool,
 ) -> None:
     """The main job: export CHECKPOINT_DIR (or the embedded tiny model), run the graph passes for every
-    target, build a TensorRT-RTX engine and benchmark, verifying every graph against PyTorch."""
+    target, build a TensorRT-RTX engine, benchmark, then package, serve, query and stop the model,
+    verifying every graph against PyTorch."""
     from deploy import console as ui
     from deploy.pipeline import PipelineOptions, check, run_pipeline
 
@@ -161,6 +164,7 @@ def pipeline_cmd(
         kv_cache=kv_cache,  # type: ignore[arg-type]
         sm=sm,
         bench=not no_bench,
+        serve=not no_serve,
     )
     rows = run_pipeline(checkpoint, out, options)
     ui.out.print(
@@ -426,6 +430,10 @@ def bench_cmd(
     multiple=True,
     help="A TensorRT plugin .so the server must load (not needed for g2trt's AOT plugins).",
 )
+@click.option("--no-generate", is_flag=True, help="Skip the generation model (NAME_generate, Python backend).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
+@click.option("--slots", type=int, default=8, show_default=True, help="Requests the generation model runs at once.")
+@click.option("--max-len", type=int, default=0, help="Positions per slot (prompt + new tokens; default: the model's).")
 @_one_line_errors
 def package_cmd(
     model: Path,
@@ -437,14 +445,23 @@ def package_cmd(
     max_queue_delay_us: int,
     no_dynamic_batching: bool,
     plugin_libraries: tuple[str, ...],
+    no_generate: bool,
+    tokenizer: Path | None,
+    slots: int,
+    max_len: int,
 ) -> None:
     """Write a Triton Inference Server repository for MODEL (an ONNX model or a TensorRT engine)."""
-    from deploy.serve.package import package, print_result
+    from deploy.serve.generate_model import package_repository, print_generate_result
+    from deploy.serve.package import print_result
+    from deploy.serve.runtime import ServingParams
 
-    result = package(
+    result, generation = package_repository(
         model,
         out,
         name=name,
+        generate=not no_generate,
+        tokenizer=tokenizer,
+        params=ServingParams(slots=slots, max_len=max_len),
         max_batch_size=max_batch_size,
         instances=instances,
         kind=kind,
@@ -453,6 +470,36 @@ def package_cmd(
         plugin_libraries=plugin_libraries,
     )
     print_result(result)
+    if generation is not None:
+        print_generate_result(generation)
+
+
+@cli.command("serve")
+@click.argument("repo", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server listens on.")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="0: a free port.")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="0: a free port.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="0: a free port.")
+@click.option("--model", "models", multiple=True, help="Generation model to load (repeat; default: all).")
+@click.option("--ready-timeout", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")
+@click.option("--quiet", is_flag=True, help="Do not echo the server's log.")
+@_one_line_errors
+def serve_cmd(
+    repo: Path,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    models: tuple[str, ...],
+    ready_timeout: float,
+    quiet: bool,
+) -> None:
+    """Serve REPO's generation models with a real Triton Inference Server until Ctrl-C or SIGTERM."""
+    from deploy.serve.server import ServerOptions, TritonServer, print_ready, serve_forever
+
+    options = ServerOptions(host, http_port, grpc_port, metrics_port, ready_timeout, models=models)
+    server = TritonServer(repo, options, on_line=None if quiet else (lambda line: click.echo(line, err=True)))
+    serve_forever(server, on_ready=print_ready)
 
 
 @cli.command("optimize")

@@ -254,6 +254,10 @@ def _validate_model(model_dir: Path) -> None:
     config = tc.parse(config_path.read_text(), str(config_path))
     if config.name != model_dir.name:
         raise PackageError(f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}")
+    if config.backend == "python":  # a generation model (g2trt's runtime inside the server)
+        from deploy.serve.generate_model import validate_generate_model
+
+        return validate_generate_model(model_dir, config)
     if config.backend not in BACKEND_FILES:
         raise PackageError(
             f"{config_path}: backend {config.backend!r} is not one g2trt packages ({list(BACKEND_FILES)})"
