@@ -1,6 +1,7 @@
 """A real Triton Inference Server (nvidia-pytriton's tritonserver) on loopback, free ports, real clients.
 
-One server per module (the untied tiny model, 4 slots, a word-level tokenizer) answers: HTTP generate,
+One server per module (the untied tiny model's in-place export, 4 slots batched in flight, a word-level
+tokenizer) answers: HTTP generate,
 HTTP generate_stream and gRPC streaming with `g2trt generate`'s greedy tokens; text in and out; 32
 concurrent clients x 4 requests; malformed requests (each an error naming the problem, the server
 serving on); clients that disconnect mid-stream. Separate servers show the stops: a model that cannot
@@ -49,9 +50,11 @@ FREE = ServerOptions(http_port=0, grpc_port=0, metrics_port=0, ready_timeout=90)
 
 
 @pytest.fixture(scope="module")
-def repo(runtime_export, runtime_cfg, tmp_path_factory) -> Path:
+def repo(runtime_inplace_export, runtime_cfg, tmp_path_factory) -> Path:
+    """The in-place export: the server batches requests in flight (the dynamic contract's model runs its
+    slots one by one; tests/deploy/test_serve_scheduler.py covers both)."""
     src = tmp_path_factory.mktemp("serve-src")
-    for f in runtime_export.model_path.parent.iterdir():
+    for f in runtime_inplace_export.model_path.parent.iterdir():
         (src / f.name).symlink_to(f)
     write_id_tokenizer(runtime_cfg, src)
     out = tmp_path_factory.mktemp("serve-repo")
