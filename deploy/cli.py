@@ -47,13 +47,15 @@ dtype_opt = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]),
 opset_opt = click.option(
     "--opset", type=click.IntRange(18, 24), default=None, help="ONNX opset (default 18; 24 for --kv-cache inplace)."
 )
-kv_cache_opt = click.option(
-    "--kv-cache",
-    type=click.Choice(["inplace", "dynamic"]),
-    default=None,
-    help="KV cache contract: inplace (fixed buffers written in place; the default for what this command "
-    "exports) or dynamic. An ONNX model runs with its own; asking for the other is an error.",
-)
+
+
+def kv_cache_opt(default: str | None, help: str) -> Callable[[F], F]:
+    """`--kv-cache inplace|dynamic` (docs/kv_cache.md); each command says what its default means."""
+    return click.option(
+        "--kv-cache", type=click.Choice(["inplace", "dynamic"]), default=default, show_default=bool(default), help=help
+    )
+
+
 out_opt = click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False))
 
 
@@ -71,12 +73,8 @@ def cli() -> None:
 @opset_opt
 @seed_opt
 @click.option("--last-logits-only", is_flag=True, help="Logits only for the last position: [batch, 1, vocab].")
-@click.option(
-    "--kv-cache",
-    type=click.Choice(["dynamic", "inplace"]),
-    default="dynamic",
-    show_default=True,
-    help="dynamic: present = past + new (Optimum/genai I/O); inplace: fixed buffers written in place (opset 24).",
+@kv_cache_opt(
+    "dynamic", "dynamic: present = past + new (Optimum/genai I/O); inplace: fixed buffers written in place (opset 24)."
 )
 @_one_line_errors
 def export_cmd(
@@ -129,13 +127,7 @@ def export_cmd(
 @seed_opt
 @click.option("--sm", type=int, default=89, show_default=True, help="Compute capability of the TensorRT-RTX engine.")
 @click.option("--no-bench", is_flag=True, help="Skip the closing benchmark.")
-@click.option(
-    "--kv-cache",
-    type=click.Choice(["inplace", "dynamic"]),
-    default="inplace",
-    show_default=True,
-    help="KV cache contract of the export and everything after it.",
-)
+@kv_cache_opt("inplace", "KV cache contract of the export and everything after it.")
 @click.option("--no-serve", is_flag=True, help="Skip packaging, serving and querying the model (Triton).")
 @_one_line_errors
 def pipeline_cmd(
@@ -279,7 +271,11 @@ def build_cmd(
 )
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
-@kv_cache_opt
+@kv_cache_opt(
+    None,
+    "KV cache contract: inplace (fixed buffers written in place; the default for what this command exports) "
+    "or dynamic. An ONNX model runs with its own; asking for the other is an error.",
+)
 @click.option("--prefill-chunk", type=click.IntRange(1), help="In-place cache: prefill in chunks of this many tokens.")
 @click.option(
     "--repeat",
@@ -360,13 +356,7 @@ def generate_cmd(
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed rounds per setting.")
 @click.option("--threads", type=int, help="Intra-op threads of every backend (default: all cores).")
 @click.option("--baseline", default="ort-plain", show_default=True, help="Backend the speedups are against.")
-@click.option(
-    "--kv-cache",
-    type=click.Choice(["inplace", "dynamic"]),
-    default="inplace",
-    show_default=True,
-    help="KV cache contract of the g2trt backends.",
-)
+@kv_cache_opt("inplace", "KV cache contract of the g2trt backends.")
 @click.option("--cooldown", type=float, default=0.05, show_default=True, help="Idle seconds before each trial.")
 @preset_opt
 @seed_opt

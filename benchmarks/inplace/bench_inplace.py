@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import FLOOR_LAST, FloorModel, GenaiModel, OrtModel, machine  # noqa: E402
+from bench_ort_targets import FLOOR_LAST, FloorModel, GenaiModel, OrtModel, bench_config, machine, model_args  # noqa: E402
 
 from deploy.runners.base import cache_sizes  # noqa: E402
 from deploy.runners.factory import graph_contract  # noqa: E402
@@ -77,21 +77,6 @@ class InplaceModel:
             ids, pos = step_ids, step_pos
         self.runner.release(cache)
         return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first}
-
-
-def bench_config(args: argparse.Namespace) -> Gemma2Config:
-    return preset("tiny").replace(
-        num_hidden_layers=args.layers,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads // 2,
-        head_dim=args.hidden // args.heads,
-        query_pre_attn_scalar=args.hidden // args.heads,
-        vocab_size=args.vocab,
-        sliding_window=args.window,
-        max_position_embeddings=8192,
-    )
 
 
 def build_models(cfg: Gemma2Config, threads: int, seed: int, work: Path, genai: bool) -> dict[str, Any]:
@@ -230,11 +215,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--window", type=int, default=128)
+    model_args(ap, window=128)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--tiny-prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32, help="decode steps per round")

@@ -30,6 +30,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent / "ort_targets"))
+
+from bench_ort_targets import bench_config, model_args  # noqa: E402
 
 from deploy.bench.report import machine_info  # noqa: E402
 from deploy.generate.tokenizer import write_id_tokenizer  # noqa: E402
@@ -37,27 +40,12 @@ from deploy.serve import client  # noqa: E402
 from deploy.serve.generate_model import package_repository  # noqa: E402
 from deploy.serve.runtime import ServingParams  # noqa: E402
 from deploy.serve.server import ServerOptions, TritonServer, unavailable_reason  # noqa: E402
-from export.config import Gemma2Config, preset  # noqa: E402
+from export.config import Gemma2Config  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
 from graph_passes import optimize  # noqa: E402
 
 MODEL = "gemma2_generate"
-
-
-def bench_config(args: argparse.Namespace) -> Gemma2Config:
-    return preset("tiny").replace(
-        num_hidden_layers=args.layers,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads // 2,
-        head_dim=args.hidden // args.heads,
-        query_pre_attn_scalar=args.hidden // args.heads,
-        vocab_size=args.vocab,
-        sliding_window=args.window,
-        max_position_embeddings=8192,
-    )
 
 
 def build_repository(cfg: Gemma2Config, work: Path, args: argparse.Namespace) -> Path:
@@ -224,11 +212,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--window", type=int, default=128)
+    model_args(ap, window=128)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=384, help="positions per slot (prompt + new tokens)")
     ap.add_argument("--threads", type=int, default=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -32,10 +32,10 @@ from export.errors import G2trtError
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class OrtRunner:
-    """The dynamic contract: past in, presents (past + this step) out, as numpy arrays."""
+class _OrtModel:
+    """What both contracts' runners share: a session of a g2trt graph, checked against its contract."""
 
-    kv_cache: Literal["dynamic"] = "dynamic"
+    kv_cache: io.KvCache
 
     def __init__(
         self,
@@ -54,6 +54,12 @@ class OrtRunner:
         check_contract(self.session, config, str(model_path), self.kv_cache)
         self.kv_dtype = cache_dtype(self.session, str(model_path))
 
+
+class OrtRunner(_OrtModel):
+    """The dynamic contract: past in, presents (past + this step) out, as numpy arrays."""
+
+    kv_cache: Literal["dynamic"] = "dynamic"
+
     def empty_past(self, batch: int) -> KVCache:
         return zeros_past(self.config, batch, self.kv_dtype)
 
@@ -64,7 +70,7 @@ class OrtRunner:
         return split_outputs(self.session.run(None, feeds))
 
 
-class OrtInplaceRunner:
+class OrtInplaceRunner(_OrtModel):
     """The in-place contract on onnxruntime: one buffer bound as both past and present (IOBinding).
 
     onnxruntime's TensorScatter (and GroupQueryAttention) see the same pointer for past and present and
@@ -79,23 +85,10 @@ class OrtInplaceRunner:
     kv_cache: Literal["inplace"] = "inplace"
 
     def __init__(
-        self,
-        model_path: str | Path,
-        config: Gemma2Config,
-        *,
-        name: str = "ort",
-        threads: int | None = None,
-        optimize: bool = True,
-        providers: list[str] | None = None,
-        session_options: ort.SessionOptions | None = None,
-        full_sliding: bool = False,
+        self, model_path: str | Path, config: Gemma2Config, *, full_sliding: bool = False, **options: Any
     ) -> None:
-        self.name = name
-        self.config = config
+        super().__init__(model_path, config, **options)
         self.full_sliding = full_sliding
-        self.session = open_session(model_path, threads, optimize, providers, session_options)
-        check_contract(self.session, config, str(model_path), self.kv_cache)
-        self.kv_dtype = cache_dtype(self.session, str(model_path))
         logits = next(o for o in self.session.get_outputs() if o.name == io.LOGITS)
         self.last_logits_only = logits.shape[1] == 1
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
