@@ -40,6 +40,7 @@ STATIC_DIMS: dict[str, dict[str, str]] = {
     "SoftCap": {"n_cols": "x"},
     "SandwichRMSNorm": {"hidden": "residual"},
     "SlidingWindowAttention": {},
+    "SlidingWindowAttentionInplace": {},
 }
 _REGISTERED: set[str] = set()
 
