@@ -43,11 +43,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from export.config import Gemma2Config
-from graph_passes import branches, expand_attention, primitives, rope
+from graph_passes import branches, expand_attention, inplace_ops, primitives, rope
 from graph_passes.driver import Pass, Site
 from graph_passes.graph import PassGraph
 from graph_passes.match import Reject, maybe_producer
 from trt_plugins.attention import SPEC
+from trt_plugins.attention_inplace import SPEC as INPLACE
 
 GQA = "GroupQueryAttention"
 ROTARY = "RotaryEmbedding"
@@ -73,6 +74,9 @@ def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
 def rewrite(g: PassGraph, site: Site) -> None:
     low: Lowering = site.data
     node = low.node
+    if node.op == INPLACE.name:
+        rewrite_inplace(g, low)
+        return
     a = SPEC.parse(node.attrs)
     h, kv, d = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"])
     query, key, value, past_key, past_value, mask = node.inputs
@@ -108,6 +112,103 @@ def rewrite(g: PassGraph, site: Site) -> None:
     if o3 is None:  # no o_proj reshape to feed directly: back to [B, H, S, Dh]
         o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
         g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
+    """The in-place cache: If(one token and a buffer that holds positions unwrapped: GroupQueryAttention
+    writing the shared buffer itself; else: the circular TensorScatter and standard-op attention)."""
+    node = low.node
+    a = INPLACE.parse(node.attrs)
+    h, kv, d, window = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"]), int(a["window"])
+    query, key, value, past_key, past_value, pos = node.inputs
+    out, present_k, present_v = node.outputs
+    g.detach(node)
+    dtype = primitives.dtype_of(query) or np.dtype(np.float32)
+    rope_pos = _rope_positions(g, pos, node)
+    q3 = _packed(g, query, h, d, low.max_positions, node, rope_pos)
+    k3 = _packed(g, key, kv, d, low.max_positions, node, rope_pos)
+    v3 = _packed(g, value, kv, d, None, node)
+    seqlens, total = _inplace_lengths(g, pos, node)
+    o3 = _packed_output(g, out, h, d)
+    result = o3 if o3 is not None else g.variable(f"{node.name}/attn_out", dtype)
+    gqa = [g.variable(f"{node.name}/gqa_{n}", dtype) for n in ("out", "present_key", "present_value")]
+    g.node(
+        GQA,
+        [q3, k3, v3, past_key, past_value, seqlens, total],
+        gqa,
+        like=node,
+        domain=MS_DOMAIN,
+        num_heads=h,
+        kv_num_heads=kv,
+        scale=float(a["scale"]),
+        softcap=float(a["softcap"]),
+        local_window_size=window or -1,
+        do_rotary=0,
+    )
+    q4, k4, v4 = (_heads(g, t, n, d, dtype, node) for t, n in ((q3, h), (k3, kv), (v3, kv)))
+    full = [g.variable(f"{node.name}/full_{n}", dtype) for n in ("present_key", "present_value")]
+    inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node)
+    inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node)
+    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node)
+    out4 = g.variable(f"{node.name}/full_out4", dtype)
+    blocks = ([full[0], k4], [full[1], v4]) if window else ([full[0]], [full[1]])
+    inplace_ops.attention(g, q4, blocks[0], blocks[1], bias, a, out4, node)
+    bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
+    out3 = g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
+    cond = _gqa_step(g, q3, pos, past_key, node)
+    g.memo.setdefault(IFS, []).append(
+        branches.make_if(g, cond, gqa, [out3, *full], [result, present_k, present_v], like=node)
+    )
+    if o3 is None:
+        o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
+        g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def _heads(g: PassGraph, t: gs.Tensor, n: int, d: int, dtype: np.dtype, like: gs.Node) -> gs.Tensor:
+    """[B, S, n*Dh] -> [B, n, S, Dh]."""
+    bsnd = g.op("Reshape", [t, g.constant("shape", np.array([0, 0, n, d], np.int64))], like=like, dtype=dtype)
+    return g.op("Transpose", [bsnd], like=like, dtype=dtype, perm=[0, 2, 1, 3])
+
+
+def _rope_positions(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """position_ids with padding (negative) clamped to 0: RotaryEmbedding indexes its tables with them,
+    and what padding rotates to is never attended."""
+    if "rope_positions" not in g.memo:
+        g.memo["rope_positions"] = g.op(
+            "Max", [pos, g.constant("zero", np.array(0, np.int64))], like=like, dtype=np.int64
+        )
+    return g.memo["rope_positions"]
+
+
+def _inplace_lengths(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
+    """GroupQueryAttention's seqlens_k (each row's last position: one token, the rest of the row before
+    it) and total_sequence_length (the longest row), for the shared buffer."""
+    if "gqa_inplace_lengths" not in g.memo:
+        i64, i32 = np.int64, np.int32
+        last = g.op("Slice", [pos, g.constant("start", [-1], i64), g.constant("i64max", [primitives.I64_MAX], i64),
+                              g.constant("axis1", [1], i64)], like=like, dtype=i64)  # fmt: skip
+        flat = g.op("Reshape", [last, g.constant("shape_flat", [-1], i64)], like=like, dtype=i64)
+        top = g.op("ReduceMax", [flat], like=like, dtype=i64, keepdims=0)
+        total = g.op("Add", [top, g.constant("one", np.array(1, i64))], like=like, dtype=i64)
+        g.memo["gqa_inplace_lengths"] = (primitives.cast(g, flat, i32, like), primitives.cast(g, total, i32, like))
+    return g.memo["gqa_inplace_lengths"]
+
+
+def _gqa_step(g: PassGraph, packed_q: gs.Tensor, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """`S == 1 and C > max(position)`: a one-token step whose positions index this buffer unwrapped (every
+    global buffer; a sliding buffer only when the runtime gave it the full length), as GQA writes them."""
+    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
+    key = ("gqa_step", length if isinstance(length, (str, int)) else past.name)
+    if key not in g.memo:
+        i64 = np.int64
+        one_token = g.op("Equal", [primitives.dim(g, packed_q, 1, like), g.constant("one", [1], i64)], like=like,
+                         dtype=np.bool_)  # fmt: skip
+        top = g.op("ReduceMax", [pos], like=like, dtype=i64, keepdims=0)
+        fits = g.op("Greater", [primitives.scalar_of(g, primitives.dim(g, past, 2, like), like), top], like=like,
+                    dtype=np.bool_)  # fmt: skip
+        both = g.op("And", [one_token, fits], like=like, dtype=np.bool_)
+        g.memo[key] = g.op("Squeeze", [both, g.constant("axis0", [0], i64)], like=like, dtype=np.bool_, shape=[])
+    return g.memo[key]
 
 
 def _decomposed(
@@ -149,8 +250,17 @@ def finish(g: PassGraph) -> None:
     branches.move_into_branches(g, g.memo.get(IFS, []))
 
 
-def _packed(g: PassGraph, t: gs.Tensor, heads: int, d: int, max_positions: int | None, like: gs.Node) -> gs.Tensor:
-    """`t` [B, N, S, Dh] as [B, S, N*Dh]: the projection itself when possible (RoPE re-done by RotaryEmbedding)."""
+def _packed(
+    g: PassGraph,
+    t: gs.Tensor,
+    heads: int,
+    d: int,
+    max_positions: int | None,
+    like: gs.Node,
+    positions: gs.Tensor | None = None,
+) -> gs.Tensor:
+    """`t` [B, N, S, Dh] as [B, S, N*Dh]: the projection itself when possible (RoPE re-done by RotaryEmbedding,
+    at `positions` if given, else the graph's own position_ids)."""
     if max_positions is not None:
         try:
             r = rope.match(t, heads, d)
@@ -164,7 +274,7 @@ def _packed(g: PassGraph, t: gs.Tensor, heads: int, d: int, max_positions: int |
             cos_c, sin_c = g.memo[key]
             return g.op(
                 ROTARY,
-                [r.linear, r.position_ids, cos_c, sin_c],
+                [r.linear, r.position_ids if positions is None else positions, cos_c, sin_c],
                 like=like,
                 domain=MS_DOMAIN,
                 dtype=t.dtype,
@@ -228,6 +338,11 @@ def _aux(
 
 
 PASS = Pass(
-    name="lower_attention_ort", anchors=(SPEC.name,), match=match, rewrite=rewrite, finish=finish, doc=__doc__ or ""
+    name="lower_attention_ort",
+    anchors=(SPEC.name, INPLACE.name),
+    match=match,
+    rewrite=rewrite,
+    finish=finish,
+    doc=__doc__ or "",
 )
 run = PASS.__call__

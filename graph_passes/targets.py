@@ -63,6 +63,14 @@ TARGETS: dict[str, tuple[Pass, ...]] = {
 
 PASSES: dict[str, Pass] = {p.name: p for passes in TARGETS.values() for p in passes}
 
+# In-place KV cache graphs: what each target needs of the sliding layers' buffers. "ring": any C >=
+# sliding_window (export/kv_cache.py); "full": the whole sequence, like a global layer's buffer.
+SLIDING_BUFFERS: dict[str, str] = {
+    "trt": "ring",  # the plugin writes slot position mod C
+    "ort": "ring",  # GroupQueryAttention cannot wrap: sliding layers decode through the standard-op branch
+    "trt-native": "full",  # TensorRT's KV-cache update is linear only
+}
+
 
 def passes_for(target: str) -> tuple[Pass, ...]:
     from graph_passes.errors import OptimizeError

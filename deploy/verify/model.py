@@ -14,11 +14,12 @@ from pathlib import Path
 
 import onnx
 
-from deploy.runners.base import Runner
-from deploy.runners.onnx_reference_runner import OnnxReferenceRunner
-from deploy.runners.ort_runner import OrtRunner
+from deploy.runners.base import InplaceRunner, Runner
+from deploy.runners.factory import graph_contract
+from deploy.runners.onnx_reference_runner import OnnxReferenceInplaceRunner, OnnxReferenceRunner
+from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner
 from deploy.runners.torch_runner import TorchRunner
-from deploy.verify.parity import TOLERANCE, Report, compare, parity_cases
+from deploy.verify.parity import TOLERANCE, Report, compare, compare_inplace, parity_cases
 from export.checkpoint import open_checkpoint
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -67,7 +68,12 @@ def verify_model(
     dtype = str(manifest.get("dtype") or options.get("dtype") or "fp32")
     if reference is None:
         reference = TorchRunner(load_model(source, "fp32", last_logits_only=bool(options.get("last_logits_only"))))
-    report = compare(reference, candidate_runner(model_path, cfg, dtype), parity_cases(cfg, seed, max_len))
+    cases = parity_cases(cfg, seed, max_len)
+    candidate = candidate_runner(model_path, cfg, dtype)
+    if candidate.kv_cache == "inplace":
+        report = compare_inplace(reference, candidate, cases)
+    else:
+        report = compare(reference, candidate, cases)
     described = str(checkpoint) if checkpoint else _describe(manifest.get("source") or {})
     return Verification(model_path, manifest.get("target", "export"), dtype, described, report, TOLERANCE[dtype])
 
@@ -84,16 +90,25 @@ def _source(manifest: dict, checkpoint: str | Path | None, model_path: Path) -> 
         raise VerifyError(f"{model_path}: {e}; pass --checkpoint DIR") from None
 
 
-def candidate_runner(model_path: Path, cfg: Gemma2Config, dtype: str) -> Runner:
+def candidate_runner(model_path: Path, cfg: Gemma2Config, dtype: str) -> Runner | InplaceRunner:
     """onnxruntime for any fp32/fp16 g2trt graph (plugin nodes run as trt_plugins.ort_ops reference ops);
-    onnx's reference evaluator for bf16 graphs, which onnxruntime's CPU provider cannot run."""
+    onnx's reference evaluator for bf16 graphs, which onnxruntime's CPU provider cannot run. The runner
+    keeps the graph's KV cache contract (its manifest says which)."""
     proto = onnx.load(str(model_path), load_external_data=False)
     plugins = ort_ops.uses_plugin_ops(proto)
+    contract, full_sliding = graph_contract(read_manifest(model_path))
     if dtype == "bf16":
         if plugins:
             raise VerifyError(f"{model_path}: a bf16 graph with plugin nodes has no CPU runtime to verify it here")
+        if contract == "inplace":
+            runner = OnnxReferenceInplaceRunner(model_path, cfg, name="onnx reference evaluator")
+            runner.full_sliding = full_sliding
+            return runner
         return OnnxReferenceRunner(model_path, cfg, name="onnx reference evaluator")
-    return OrtRunner(model_path, cfg, name="onnxruntime + reference plugin ops" if plugins else "onnxruntime")
+    name = "onnxruntime + reference plugin ops" if plugins else "onnxruntime"
+    if contract == "inplace":
+        return OrtInplaceRunner(model_path, cfg, name=name, full_sliding=full_sliding)
+    return OrtRunner(model_path, cfg, name=name)
 
 
 def _describe(source: dict) -> str:

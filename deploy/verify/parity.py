@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from deploy.runners.base import KVCache, Runner
+from deploy.runners.base import InplaceRunner, KVCache, Runner, cache_sizes, padded_positions
 from export.config import Gemma2Config
 
 # max |logit diff| against the fp32 PyTorch model, by export dtype. fp32 is the issue's bound; the
@@ -73,6 +73,44 @@ def parity_cases(cfg: Gemma2Config, seed: int = 0, max_len: int = 512) -> list[C
     return cases
 
 
+def compare_inplace(
+    reference: Runner, candidate: InplaceRunner, cases: list[Case], decode_steps: int = 3, seed: int = 1
+) -> Report:
+    """`compare` for a candidate of the in-place contract: the same tokens, its own cache, sized for the steps.
+
+    The reference runs the dynamic contract (padding by attention_mask); the candidate gets the same
+    tokens with padding marked by negative positions, and a cache of prompt + steps slots (a ring of
+    `sliding_window` slots where it takes one), so its sliding layers wrap when the case is long.
+    """
+    rng = np.random.default_rng(seed)
+    diffs: list[StepDiff] = []
+    cfg = reference.config
+    for case in cases:
+        batch, width = case.input_ids.shape
+        mask = case.attention_mask
+        ids, pos = case.input_ids, position_ids(mask)
+        lengths = mask.sum(axis=1)
+        cpos = padded_positions(lengths.tolist(), width)
+        past_r: KVCache = reference.empty_past(batch)
+        length, ring = cache_sizes(cfg, width + decode_steps, candidate.full_sliding)
+        cache = candidate.allocate(batch, length, ring)
+        for step in range(decode_steps + 1):
+            ref, past_r = reference.forward(ids, mask, pos, past_r)
+            got = np.array(candidate.step(ids, cpos, cache))  # a copy: a runner may reuse its output array
+            valid = mask[:, -ref.shape[1] :].astype(bool)
+            diffs.append(_diff(case.name, step, ref, got, valid))
+            ids = rng.integers(0, cfg.vocab_size, size=(batch, 1), dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            pos, cpos = pos[:, -1:] + 1, cpos[:, -1:] + 1
+    return Report(reference.name, candidate.name, diffs)
+
+
+def _diff(case: str, step: int, ref: np.ndarray, got: np.ndarray, valid: np.ndarray) -> StepDiff:
+    err = np.abs(got.astype(np.float64) - ref.astype(np.float64))[valid]
+    worst = float(err.max()) if np.isfinite(err).all() else float("inf")  # NaN must not pass a bound
+    return StepDiff(case, "prefill" if step == 0 else f"decode {step}", worst, float(np.abs(ref[valid]).max()))
+
+
 def compare(reference: Runner, candidate: Runner, cases: list[Case], decode_steps: int = 3, seed: int = 1) -> Report:
     rng = np.random.default_rng(seed)
     diffs: list[StepDiff] = []
@@ -85,11 +123,7 @@ def compare(reference: Runner, candidate: Runner, cases: list[Case], decode_step
         for step in range(decode_steps + 1):
             ref, past_r = reference.forward(ids, mask, pos, past_r)
             got, past_c = candidate.forward(ids, mask, pos, past_c)
-            valid = mask[:, -ref.shape[1] :].astype(bool)
-            err = np.abs(got.astype(np.float64) - ref.astype(np.float64))[valid]
-            worst = float(err.max()) if np.isfinite(err).all() else float("inf")  # NaN must not pass a bound
-            name = "prefill" if step == 0 else f"decode {step}"
-            diffs.append(StepDiff(case.name, name, worst, float(np.abs(ref[valid]).max())))
+            diffs.append(_diff(case.name, step, ref, got, mask[:, -ref.shape[1] :].astype(bool)))
             ids = rng.integers(0, reference.config.vocab_size, size=(batch, 1), dtype=np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             pos = pos[:, -1:] + 1
