@@ -44,7 +44,16 @@ preset_opt = click.option(
 )
 seed_opt = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random model.")
 dtype_opt = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-opset_opt = click.option("--opset", type=click.IntRange(18, 23), default=18, show_default=True)
+opset_opt = click.option(
+    "--opset", type=click.IntRange(18, 24), default=None, help="ONNX opset (default 18; 24 for --kv-cache inplace)."
+)
+kv_cache_opt = click.option(
+    "--kv-cache",
+    type=click.Choice(["inplace", "dynamic"]),
+    default=None,
+    help="KV cache contract: inplace (fixed buffers written in place; the default for what this command "
+    "exports) or dynamic. An ONNX model runs with its own; asking for the other is an error.",
+)
 out_opt = click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False))
 
 
@@ -62,9 +71,23 @@ def cli() -> None:
 @opset_opt
 @seed_opt
 @click.option("--last-logits-only", is_flag=True, help="Logits only for the last position: [batch, 1, vocab].")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["dynamic", "inplace"]),
+    default="dynamic",
+    show_default=True,
+    help="dynamic: present = past + new (Optimum/genai I/O); inplace: fixed buffers written in place (opset 24).",
+)
 @_one_line_errors
 def export_cmd(
-    checkpoint: Path | None, out: Path, preset: str, dtype: str, opset: int, seed: int, last_logits_only: bool
+    checkpoint: Path | None,
+    out: Path,
+    preset: str,
+    dtype: str,
+    opset: int | None,
+    seed: int,
+    last_logits_only: bool,
+    kv_cache: str,
 ) -> None:
     """Export CHECKPOINT_DIR (a HF Gemma 2 directory), or a seeded random model, to OUT/model.onnx."""
     from deploy import console as ui
@@ -73,7 +96,7 @@ def export_cmd(
     from export.weights import open_weights
 
     source = open_weights(checkpoint, preset, seed)
-    options = ExportOptions(dtype=dtype, opset=opset, last_logits_only=last_logits_only)  # type: ignore[arg-type]
+    options = ExportOptions(dtype=dtype, opset=opset, last_logits_only=last_logits_only, kv_cache=kv_cache)  # type: ignore[arg-type]
     with ui.weight_progress(weight_bytes(source.config, dtype), "export") as advance:
         result = export_onnx(source, out, options, advance)
     cfg = source.config
@@ -87,7 +110,8 @@ def export_cmd(
             f"{cfg.num_key_value_heads} / {cfg.head_dim}",
         ),
         ("parameters", f"{cfg.num_params / 1e6:.1f} M"),
-        ("dtype / opset", f"{dtype} / {opset}"),
+        ("dtype / opset", f"{dtype} / {options.opset}"),
+        ("KV cache", kv_cache),
         ("logits", "last position only" if last_logits_only else "every position"),
         ("inputs / outputs", f"{len(m['io']['inputs'])} / {len(m['io']['outputs'])}"),
         ("files", ", ".join(f"{k} ({ui.human_bytes((out / k).stat().st_size)})" for k in m["sha256"])),
@@ -105,16 +129,43 @@ def export_cmd(
 @seed_opt
 @click.option("--sm", type=int, default=89, show_default=True, help="Compute capability of the TensorRT-RTX engine.")
 @click.option("--no-bench", is_flag=True, help="Skip the closing benchmark.")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["inplace", "dynamic"]),
+    default="inplace",
+    show_default=True,
+    help="KV cache contract of the export and everything after it.",
+)
+@click.option("--no-serve", is_flag=True, help="Skip packaging, serving and querying the model (Triton).")
 @_one_line_errors
 def pipeline_cmd(
-    checkpoint: Path | None, out: Path, preset: str, dtype: str, opset: int, seed: int, sm: int, no_bench: bool
+    checkpoint: Path | None,
+    out: Path,
+    preset: str,
+    dtype: str,
+    opset: int | None,
+    seed: int,
+    sm: int,
+    no_bench: bool,
+    kv_cache: str,
+    no_serve: bool,
 ) -> None:
     """The main job: export CHECKPOINT_DIR (or the embedded tiny model), run the graph passes for every
-    target, build a TensorRT-RTX engine and benchmark, verifying every graph against PyTorch."""
+    target, build a TensorRT-RTX engine, benchmark, then package, serve, query and stop the model,
+    verifying every graph against PyTorch."""
     from deploy import console as ui
     from deploy.pipeline import PipelineOptions, check, run_pipeline
 
-    options = PipelineOptions(preset=preset, seed=seed, dtype=dtype, opset=opset, sm=sm, bench=not no_bench)  # type: ignore[arg-type]  # click.Choice
+    options = PipelineOptions(
+        preset=preset,
+        seed=seed,
+        dtype=dtype,  # type: ignore[arg-type]  # click.Choice
+        opset=opset,
+        kv_cache=kv_cache,  # type: ignore[arg-type]
+        sm=sm,
+        bench=not no_bench,
+        serve=not no_serve,
+    )
     rows = run_pipeline(checkpoint, out, options)
     ui.out.print(
         ui.table(
@@ -228,6 +279,15 @@ def build_cmd(
 )
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
+@kv_cache_opt
+@click.option("--prefill-chunk", type=click.IntRange(1), help="In-place cache: prefill in chunks of this many tokens.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Time N generations in one process after one untimed warm-up (each reported with --json).",
+)
 @preset_opt
 @seed_opt
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
@@ -247,6 +307,9 @@ def generate_cmd(
     cache: str,
     tokenizer: Path | None,
     threads: int | None,
+    kv_cache: str | None,
+    prefill_chunk: int | None,
+    repeat: int,
     preset: str,
     seed: int,
     as_json: bool,
@@ -261,6 +324,7 @@ def generate_cmd(
         sampling=SamplingConfig(temperature, top_k, top_p, sample_seed),
         stop_tokens=() if no_stop else (stop or None),
         cache=cache,  # type: ignore[arg-type]
+        prefill_chunk=prefill_chunk,
     )
     result = run_generate(
         model,
@@ -272,6 +336,8 @@ def generate_cmd(
         preset=preset,
         seed=seed,
         threads=threads,
+        kv_cache=kv_cache,  # type: ignore[arg-type]
+        repeat=repeat,
     )
     print_output(result, as_json)
 
@@ -294,6 +360,14 @@ def generate_cmd(
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed rounds per setting.")
 @click.option("--threads", type=int, help="Intra-op threads of every backend (default: all cores).")
 @click.option("--baseline", default="ort-plain", show_default=True, help="Backend the speedups are against.")
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["inplace", "dynamic"]),
+    default="inplace",
+    show_default=True,
+    help="KV cache contract of the g2trt backends.",
+)
+@click.option("--cooldown", type=float, default=0.05, show_default=True, help="Idle seconds before each trial.")
 @preset_opt
 @seed_opt
 @click.option("--keep-work", is_flag=True, help="Keep the exported models under OUT/work.")
@@ -309,6 +383,8 @@ def bench_cmd(
     repeats: int,
     threads: int | None,
     baseline: str,
+    kv_cache: str,
+    cooldown: float,
     preset: str,
     seed: int,
     keep_work: bool,
@@ -326,6 +402,8 @@ def bench_cmd(
         repeats=repeats,
         threads=threads,
         baseline=baseline,
+        kv_cache=kv_cache,
+        cooldown_s=cooldown,
     )
     result, paths = run(checkpoint, settings, out, preset=preset, seed=seed, keep_work=keep_work)
     print_tables(result, paths)
@@ -352,6 +430,10 @@ def bench_cmd(
     multiple=True,
     help="A TensorRT plugin .so the server must load (not needed for g2trt's AOT plugins).",
 )
+@click.option("--no-generate", is_flag=True, help="Skip the generation model (NAME_generate, Python backend).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
+@click.option("--slots", type=int, default=8, show_default=True, help="Requests the generation model runs at once.")
+@click.option("--max-len", type=int, default=0, help="Positions per slot (prompt + new tokens; default: the model's).")
 @_one_line_errors
 def package_cmd(
     model: Path,
@@ -363,14 +445,23 @@ def package_cmd(
     max_queue_delay_us: int,
     no_dynamic_batching: bool,
     plugin_libraries: tuple[str, ...],
+    no_generate: bool,
+    tokenizer: Path | None,
+    slots: int,
+    max_len: int,
 ) -> None:
     """Write a Triton Inference Server repository for MODEL (an ONNX model or a TensorRT engine)."""
-    from deploy.serve.package import package, print_result
+    from deploy.serve.generate_model import package_repository, print_generate_result
+    from deploy.serve.package import print_result
+    from deploy.serve.runtime import ServingParams
 
-    result = package(
+    result, generation = package_repository(
         model,
         out,
         name=name,
+        generate=not no_generate,
+        tokenizer=tokenizer,
+        params=ServingParams(slots=slots, max_len=max_len),
         max_batch_size=max_batch_size,
         instances=instances,
         kind=kind,
@@ -379,6 +470,36 @@ def package_cmd(
         plugin_libraries=plugin_libraries,
     )
     print_result(result)
+    if generation is not None:
+        print_generate_result(generation)
+
+
+@cli.command("serve")
+@click.argument("repo", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server listens on.")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="0: a free port.")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="0: a free port.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="0: a free port.")
+@click.option("--model", "models", multiple=True, help="Generation model to load (repeat; default: all).")
+@click.option("--ready-timeout", type=float, default=120, show_default=True, help="Seconds to wait for readiness.")
+@click.option("--quiet", is_flag=True, help="Do not echo the server's log.")
+@_one_line_errors
+def serve_cmd(
+    repo: Path,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    models: tuple[str, ...],
+    ready_timeout: float,
+    quiet: bool,
+) -> None:
+    """Serve REPO's generation models with a real Triton Inference Server until Ctrl-C or SIGTERM."""
+    from deploy.serve.server import ServerOptions, TritonServer, print_ready, serve_forever
+
+    options = ServerOptions(host, http_port, grpc_port, metrics_port, ready_timeout, models=models)
+    server = TritonServer(repo, options, on_line=None if quiet else (lambda line: click.echo(line, err=True)))
+    serve_forever(server, on_ready=print_ready)
 
 
 @cli.command("optimize")

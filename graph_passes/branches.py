@@ -39,6 +39,8 @@ def move_into_branches(g: PassGraph, if_nodes: Iterable[gs.Node]) -> None:
     All moves are decided before any is made, so a node shared by two branches (of one `If` or of
     several) is seen as shared and stays in the main graph.
     """
+    if_nodes = list(if_nodes)
+    _drop_dead(g, if_nodes)
     plans = [(branch, _exclusive(g, branch.outputs)) for node in if_nodes for branch in _branches(node)]
     moved: set[int] = set()
     for branch, nodes in plans:
@@ -47,6 +49,29 @@ def move_into_branches(g: PassGraph, if_nodes: Iterable[gs.Node]) -> None:
     g.graph.nodes = [n for n in g.graph.nodes if id(n) not in moved]
     for branch, _ in plans:
         branch.toposort(recurse_subgraphs=False)
+
+
+def _drop_dead(g: PassGraph, if_nodes: list[gs.Node]) -> None:
+    """Remove the nodes nothing live reads: what the sites replaced (the export's RoPE, masks) would
+    otherwise look like outside users and pin the nodes it shares with a branch in the main graph."""
+    live: set[int] = set()
+    stack = [t.inputs[0] for t in g.graph.outputs if t.inputs]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        sources = list(node.inputs)
+        if node.op == "If":  # its branches still read their outputs from the main graph
+            sources += [t for branch in _branches(node) for t in branch.outputs]
+        stack.extend(t.inputs[0] for t in sources if t.inputs)
+    if any(id(n) not in live for n in if_nodes):
+        return  # an If the outputs do not reach: leave the graph to the usual cleanup
+    for node in g.graph.nodes:
+        if id(node) not in live:  # disconnect, so tensors stop listing it among their users
+            node.inputs.clear()
+            node.outputs.clear()
+    g.graph.nodes = [n for n in g.graph.nodes if id(n) in live]
 
 
 def _branches(node: gs.Node) -> list[gs.Graph]:

@@ -14,7 +14,8 @@ Two forms, one per runtime's cache-write primitive:
         keys    = present                    mask = slot <= query (and > query - window)
 
 GQA groups the query heads of a KV head (no repeated cache); scores, soft-cap and softmax run in fp32.
-Masks are built once per group of layers that share a window and a cache length (`PassGraph.memo`).
+With `shared=True` masks are built once per group of layers that share a window and a cache length
+(`PassGraph.memo`); `shared=False` gives each site its own (so it can move into an If branch).
 """
 
 from __future__ import annotations
@@ -38,18 +39,17 @@ def _i64(g: PassGraph, hint: str, value: Any) -> gs.Constant:
     return g.constant(hint, np.array(value, I64))
 
 
-def _column(g: PassGraph, pos: gs.Tensor, index: int, like: gs.Node) -> gs.Tensor:
+def _column(g: PassGraph, pos: gs.Tensor, index: int, like: gs.Node, shared: bool = True) -> gs.Tensor:
     """position_ids[:, index] as [B, 1] (index 0 or -1)."""
-    start, end = (0, 1) if index == 0 else (-1, primitives.I64_MAX)
     key = ("inplace.column", index)
-    if key not in g.memo:
-        g.memo[key] = g.op(
-            "Slice",
-            [pos, _i64(g, "start", [start]), _i64(g, "end", [end]), _i64(g, "axis1", [1])],
-            like=like,
-            dtype=I64,
-        )
-    return g.memo[key]
+    if shared and key in g.memo:
+        return g.memo[key]
+    start, end = (0, 1) if index == 0 else (-1, primitives.I64_MAX)
+    bounds = [pos, _i64(g, "start", [start]), _i64(g, "end", [end]), _i64(g, "axis1", [1])]
+    column = g.op("Slice", bounds, like=like, dtype=I64)
+    if shared:
+        g.memo[key] = column
+    return column
 
 
 def _flat(g: PassGraph, column: gs.Tensor, like: gs.Node) -> gs.Tensor:
@@ -57,39 +57,50 @@ def _flat(g: PassGraph, column: gs.Tensor, like: gs.Node) -> gs.Tensor:
 
 
 def write(
-    g: PassGraph, form: Form, past: gs.Tensor, new: gs.Tensor, pos: gs.Tensor, out: gs.Variable, like: gs.Node
+    g: PassGraph,
+    form: Form,
+    past: gs.Tensor,
+    new: gs.Tensor,
+    pos: gs.Tensor,
+    out: gs.Variable,
+    like: gs.Node,
+    shared: bool = True,
 ) -> None:
     """`out` = `past` with `new [B, KV, S, Dh]` written by the contract's rule, as one TensorScatter."""
     if form == "circular":
         s = primitives.dim(g, new, 2, like)
         c = primitives.dim(g, past, 2, like)
         n = g.op("Min", [s, c], like=like, dtype=I64, shape=[1])
-        update = g.op("Slice", [new, g.op("Sub", [s, n], like=like, dtype=I64), _i64(g, "end", [primitives.I64_MAX]),
-                                _i64(g, "axis2", [2])], like=like, dtype=new.dtype)  # fmt: skip
-        first = g.op("Add", [g.op("Sub", [_column(g, pos, -1, like), n], like=like, dtype=I64), _i64(g, "one", 1)],
-                     like=like, dtype=I64)  # fmt: skip
+        start = g.op("Sub", [s, n], like=like, dtype=I64)
+        end, axis2 = _i64(g, "end", [primitives.I64_MAX]), _i64(g, "axis2", [2])
+        update = g.op("Slice", [new, start, end, axis2], like=like, dtype=new.dtype)  # the last n tokens
+        last = _column(g, pos, -1, like, shared)
+        first = g.op("Add", [g.op("Sub", [last, n], like=like, dtype=I64), _i64(g, "one", 1)], like=like, dtype=I64)
         index = _flat(g, g.op("Mod", [first, c], like=like, dtype=I64, fmod=0), like)
         g.node("TensorScatter", [past, update, index], [out], like=like, axis=2, mode="circular")
         return
-    p0 = _flat(g, _column(g, pos, 0, like), like)  # [B]
+    p0 = _flat(g, _column(g, pos, 0, like, shared), like)  # [B]
     zero = _i64(g, "zero", 0)
     padding = g.op("Max", [g.op("Neg", [p0], like=like, dtype=I64), zero], like=like, dtype=I64)
     s = primitives.dim(g, new, 2, like)
     j = g.op("Range", [zero, primitives.scalar_of(g, s, like), _i64(g, "one", 1)], like=like, dtype=I64)
-    unsq = g.op("Unsqueeze", [padding, _i64(g, "axis1", [1])], like=like, dtype=I64)
-    source = g.op("Mod", [g.op("Add", [g.op("Unsqueeze", [j, _i64(g, "axis0", [0])], like=like, dtype=I64), unsq],
-                                 like=like, dtype=I64), s], like=like, dtype=I64, fmod=0)  # fmt: skip  # [B, S]
+    row = g.op("Unsqueeze", [j, _i64(g, "axis0", [0])], like=like, dtype=I64)  # [1, S]
+    col = g.op("Unsqueeze", [padding, _i64(g, "axis1", [1])], like=like, dtype=I64)  # [B, 1]
+    shifted = g.op("Add", [row, col], like=like, dtype=I64)
+    source = g.op("Mod", [shifted, s], like=like, dtype=I64, fmod=0)  # [B, S]: padding after the real tokens
     index = g.op("Unsqueeze", [source, _i64(g, "axes13", [1, 3])], like=like, dtype=I64)  # [B, 1, S, 1]
     index = g.op("Expand", [index, g.op("Shape", [new], like=like, dtype=I64)], like=like, dtype=I64)
     rotated = g.op("GatherElements", [new, index], like=like, dtype=new.dtype, axis=2)
     g.node("TensorScatter", [past, rotated, g.op("Max", [p0, zero], like=like, dtype=I64)], [out], like=like, axis=2)
 
 
-def bias(g: PassGraph, form: Form, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node) -> gs.Tensor:
+def bias(
+    g: PassGraph, form: Form, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node, shared: bool = True
+) -> gs.Tensor:
     """Additive fp32 bias [B, 1, S, K] over the keys `attention` reads; one per (form, window, cache length)."""
     length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
     key = ("inplace.bias", form, window, length if isinstance(length, (str, int)) else past.name)
-    if key in g.memo:
+    if shared and key in g.memo:
         return g.memo[key]
     c = primitives.dim(g, past, 2, like)
     zero, one = _i64(g, "zero", 0), _i64(g, "one", 1)
@@ -97,18 +108,18 @@ def bias(g: PassGraph, form: Form, pos: gs.Tensor, past: gs.Tensor, window: int,
     if form == "linear":
         keys = g.op("Unsqueeze", [slots, _i64(g, "axis0", [0])], like=like, dtype=I64)  # [1, C]: slot = position
     else:
-        last = _column(g, pos, -1, like)  # [B, 1]
-        held = g.op("Sub", [last, g.op("Mod", [g.op("Sub", [last, slots], like=like, dtype=I64), c], like=like,
-                                          dtype=I64, fmod=0)], like=like, dtype=I64)  # fmt: skip  # [B, C]
+        last = _column(g, pos, -1, like, shared)  # [B, 1]
+        back = g.op("Mod", [g.op("Sub", [last, slots], like=like, dtype=I64), c], like=like, dtype=I64, fmod=0)
+        held = g.op("Sub", [last, back], like=like, dtype=I64)  # [B, C]: the position each slot holds
         valid = g.op("GreaterOrEqual", [held, zero], like=like, dtype=np.bool_)
         if window:
-            older = g.op("Less", [held, _column(g, pos, 0, like)], like=like, dtype=np.bool_)
+            older = g.op("Less", [held, _column(g, pos, 0, like, shared)], like=like, dtype=np.bool_)
             valid = g.op("And", [valid, older], like=like, dtype=np.bool_)
         invalid = _i64(g, "invalid", INVALID)
         keys = g.op("Where", [valid, held, invalid], like=like, dtype=I64)
-        if window:
-            own = g.op("Where", [g.op("GreaterOrEqual", [pos, zero], like=like, dtype=np.bool_), pos, invalid],
-                       like=like, dtype=I64)  # fmt: skip
+        if window:  # then this step's own keys; padding (negative) is invalid
+            real = g.op("GreaterOrEqual", [pos, zero], like=like, dtype=np.bool_)
+            own = g.op("Where", [real, pos, invalid], like=like, dtype=I64)
             keys = g.op("Concat", [keys, own], like=like, dtype=I64, axis=1)  # [B, C + S]
     k = g.op("Unsqueeze", [keys, _i64(g, "axes12", [1, 2])], like=like, dtype=I64)  # [B|1, 1, 1, K]
     q = g.op("Unsqueeze", [pos, _i64(g, "axes13", [1, 3])], like=like, dtype=I64)  # [B, 1, S, 1]
@@ -119,8 +130,10 @@ def bias(g: PassGraph, form: Form, pos: gs.Tensor, past: gs.Tensor, window: int,
             "And", [allowed, g.op("Greater", [k, low], like=like, dtype=np.bool_)], like=like, dtype=np.bool_
         )
     lo = g.constant("f32min", np.array(np.finfo(F32).min, F32))
-    g.memo[key] = g.op("Where", [allowed, g.constant("f32zero", np.array(0.0, F32)), lo], like=like, dtype=F32)
-    return g.memo[key]
+    result = g.op("Where", [allowed, g.constant("f32zero", np.array(0.0, F32)), lo], like=like, dtype=F32)
+    if shared:
+        g.memo[key] = result
+    return result
 
 
 def attention(

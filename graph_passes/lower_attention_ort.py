@@ -46,7 +46,7 @@ from export.config import Gemma2Config
 from graph_passes import branches, expand_attention, inplace_ops, primitives, rope
 from graph_passes.driver import Pass, Site
 from graph_passes.graph import PassGraph
-from graph_passes.match import Reject, maybe_producer
+from graph_passes.match import Reject, const_array, maybe_producer
 from trt_plugins.attention import SPEC
 from trt_plugins.attention_inplace import SPEC as INPLACE
 
@@ -115,8 +115,10 @@ def rewrite(g: PassGraph, site: Site) -> None:
 
 
 def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
-    """The in-place cache: If(one token and a buffer that holds positions unwrapped: GroupQueryAttention
-    writing the shared buffer itself; else: the circular TensorScatter and standard-op attention)."""
+    """The in-place cache: If(one token on a buffer that holds positions unwrapped: GroupQueryAttention, which
+    rotates q/k itself and writes the shared buffer; else: RotaryEmbedding, the circular TensorScatter and
+    standard-op attention). Everything only the else branch needs (its rotary, masks, writes) is built per
+    site, so it moves into that branch and a decode step never runs it."""
     node = low.node
     a = INPLACE.parse(node.attrs)
     h, kv, d, window = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"]), int(a["window"])
@@ -124,44 +126,84 @@ def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     out, present_k, present_v = node.outputs
     g.detach(node)
     dtype = primitives.dtype_of(query) or np.dtype(np.float32)
-    rope_pos = _rope_positions(g, pos, node)
-    q3 = _packed(g, query, h, d, low.max_positions, node, rope_pos)
-    k3 = _packed(g, key, kv, d, low.max_positions, node, rope_pos)
+    sources = _rope_sources(g, query, key, h, kv, d, low.max_positions)
     v3 = _packed(g, value, kv, d, None, node)
     seqlens, total = _inplace_lengths(g, pos, node)
     o3 = _packed_output(g, out, h, d)
     result = o3 if o3 is not None else g.variable(f"{node.name}/attn_out", dtype)
     gqa = [g.variable(f"{node.name}/gqa_{n}", dtype) for n in ("out", "present_key", "present_value")]
-    g.node(
-        GQA,
-        [q3, k3, v3, past_key, past_value, seqlens, total],
-        gqa,
-        like=node,
-        domain=MS_DOMAIN,
-        num_heads=h,
-        kv_num_heads=kv,
-        scale=float(a["scale"]),
-        softcap=float(a["softcap"]),
-        local_window_size=window or -1,
-        do_rotary=0,
-    )
+    attrs = {
+        "num_heads": h,
+        "kv_num_heads": kv,
+        "scale": float(a["scale"]),
+        "softcap": float(a["softcap"]),
+        "local_window_size": window or -1,
+    }
+    if sources is not None:  # GQA rotates the raw projections itself, at each row's position (seqlens_k)
+        q_lin, k_lin, (cos, sin) = sources
+        packed = _packed_qkv(q_lin, k_lin, v3, h, kv, d)
+        qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v3]
+        inputs = [*qkv, past_key, past_value, seqlens, total, cos, sin]
+        g.node(GQA, inputs, gqa, like=node, domain=MS_DOMAIN, do_rotary=1, rotary_interleaved=0, **attrs)
+        rope_pos = _rope_positions(g, pos, node)
+        q3 = g.op(ROTARY, [q_lin, rope_pos, cos, sin], like=node, domain=MS_DOMAIN, dtype=dtype, interleaved=0)
+        k3 = g.op(ROTARY, [k_lin, rope_pos, cos, sin], like=node, domain=MS_DOMAIN, dtype=dtype, interleaved=0)
+    else:  # no recognisable RoPE: rotate as the graph does, for both branches
+        q3, k3 = _packed(g, query, h, d, None, node), _packed(g, key, kv, d, None, node)
+        g.node(GQA, [q3, k3, v3, past_key, past_value, seqlens, total], gqa, like=node, domain=MS_DOMAIN, **attrs)
     q4, k4, v4 = (_heads(g, t, n, d, dtype, node) for t, n in ((q3, h), (k3, kv), (v3, kv)))
     full = [g.variable(f"{node.name}/full_{n}", dtype) for n in ("present_key", "present_value")]
-    inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node)
-    inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node)
-    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node)
+    inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node, shared=False)
+    inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node, shared=False)
+    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node, shared=False)
     out4 = g.variable(f"{node.name}/full_out4", dtype)
     blocks = ([full[0], k4], [full[1], v4]) if window else ([full[0]], [full[1]])
     inplace_ops.attention(g, q4, blocks[0], blocks[1], bias, a, out4, node)
     bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
     out3 = g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
-    cond = _gqa_step(g, q3, pos, past_key, node)
+    cond = _gqa_step(g, pos, past_key, node)
     g.memo.setdefault(IFS, []).append(
         branches.make_if(g, cond, gqa, [out3, *full], [result, present_k, present_v], like=node)
     )
     if o3 is None:
         o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
         g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def _rope_sources(
+    g: PassGraph, query: gs.Tensor, key: gs.Tensor, h: int, kv: int, d: int, max_positions: int | None
+) -> tuple[gs.Tensor, gs.Tensor, tuple[gs.Tensor, gs.Tensor]] | None:
+    """(q before RoPE [B, S, H*Dh], k before RoPE, the cos/sin tables) when both follow the export's RoPE."""
+    if max_positions is None:
+        return None
+    try:
+        rq, rk = rope.match(query, h, d), rope.match(key, kv, d)
+    except Reject:
+        return None
+    if not np.array_equal(rq.inv_freq, rk.inv_freq):
+        return None
+    table_key = ("rope", rq.inv_freq.tobytes(), rq.dtype.str, max_positions)
+    if table_key not in g.memo:
+        cos, sin = rope.tables(rq.inv_freq, max_positions, rq.dtype)
+        g.memo[table_key] = (g.constant("rope_cos_cache", cos), g.constant("rope_sin_cache", sin))
+    return rq.linear, rk.linear, g.memo[table_key]
+
+
+def _packed_qkv(q: gs.Tensor, k: gs.Tensor, v: gs.Tensor, h: int, kv: int, d: int) -> gs.Tensor | None:
+    """The one [B, S, (H + 2 KV) Dh] projection q, k, v are split from (fuse_parallel_matmuls), if they are."""
+    split = maybe_producer(q, "Split")
+    if (
+        split is None
+        or len(split.outputs) != 3
+        or [t is o for t, o in zip((q, k, v), split.outputs, strict=True)] != [True] * 3
+    ):
+        return None
+    if int(split.attrs.get("axis", 0)) not in (-1, 2) or len(split.inputs) < 2:
+        return None
+    sizes = const_array(split.inputs[1])
+    if sizes is None or [int(x) for x in sizes.reshape(-1)] != [h * d, kv * d, kv * d]:
+        return None
+    return split.inputs[0]
 
 
 def _heads(g: PassGraph, t: gs.Tensor, n: int, d: int, dtype: np.dtype, like: gs.Node) -> gs.Tensor:
@@ -194,15 +236,16 @@ def _inplace_lengths(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> tuple[gs.Te
     return g.memo["gqa_inplace_lengths"]
 
 
-def _gqa_step(g: PassGraph, packed_q: gs.Tensor, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> gs.Tensor:
+def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> gs.Tensor:
     """`S == 1 and C > max(position)`: a one-token step whose positions index this buffer unwrapped (every
-    global buffer; a sliding buffer only when the runtime gave it the full length), as GQA writes them."""
+    global buffer; a sliding buffer only when the runtime gave it the full length), as GQA writes them.
+    S is read from position_ids, so the condition needs nothing the branches compute."""
     length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
     key = ("gqa_step", length if isinstance(length, (str, int)) else past.name)
     if key not in g.memo:
         i64 = np.int64
-        one_token = g.op("Equal", [primitives.dim(g, packed_q, 1, like), g.constant("one", [1], i64)], like=like,
-                         dtype=np.bool_)  # fmt: skip
+        seq = primitives.dim(g, pos, 1, like)
+        one_token = g.op("Equal", [seq, g.constant("one", [1], i64)], like=like, dtype=np.bool_)
         top = g.op("ReduceMax", [pos], like=like, dtype=i64, keepdims=0)
         fits = g.op("Greater", [primitives.scalar_of(g, primitives.dim(g, past, 2, like), like), top], like=like,
                     dtype=np.bool_)  # fmt: skip

@@ -98,8 +98,11 @@ def model_io(onnx_path: Path) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def check_contract(cfg: Gemma2Config, inputs: Sequence[Tensor], outputs: Sequence[Tensor], source: str) -> None:
+    """The graph keeps one of the two KV cache contracts (an in-place graph's buffers travel as explicit
+    I/O here too: Triton's standard backends keep no state, so only the generation model writes in place)."""
+    names = [t.name for t in inputs]
     for kind, got, want in (
-        ("inputs", [t.name for t in inputs], io.input_names(cfg)),
+        ("inputs", names, io.input_names(cfg, io.contract_of(names))),
         ("outputs", [t.name for t in outputs], io.output_names(cfg)),
     ):
         if got != want:
@@ -254,6 +257,10 @@ def _validate_model(model_dir: Path) -> None:
     config = tc.parse(config_path.read_text(), str(config_path))
     if config.name != model_dir.name:
         raise PackageError(f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}")
+    if config.backend == "python":  # a generation model (g2trt's runtime inside the server)
+        from deploy.serve.generate_model import validate_generate_model
+
+        return validate_generate_model(model_dir, config)
     if config.backend not in BACKEND_FILES:
         raise PackageError(
             f"{config_path}: backend {config.backend!r} is not one g2trt packages ({list(BACKEND_FILES)})"

@@ -51,6 +51,7 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
     ]),
     ("ModelParameter", [("string_value", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, "")]),
     ("ModelOperations", [("op_library_filename", 1, _F.TYPE_STRING, _F.LABEL_REPEATED, "")]),
+    ("ModelTransactionPolicy", [("decoupled", 1, _F.TYPE_BOOL, _F.LABEL_OPTIONAL, "")]),
     ("ModelConfig", [
         ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
         ("platform", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
@@ -63,6 +64,7 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
         ("parameters", 14, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, ".inference.ModelConfig.ParametersEntry"),
         ("backend", 17, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
         ("model_operations", 18, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".inference.ModelOperations"),
+        ("model_transaction_policy", 19, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".inference.ModelTransactionPolicy"),
     ]),
 ]  # fmt: skip
 

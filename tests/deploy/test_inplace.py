@@ -28,13 +28,13 @@ from tests.deploy.build_graphs import optimized
 
 LENGTHS = (25, 22, 5)
 NEW = 64
-TARGETS = ("plain", "ort", "trt-native")
+TARGETS = ("plain", "ort", "trt-native", "trt")  # trt: its plugin nodes run as the reference ops
 
 
 @pytest.fixture(scope="module")
-def inplace_graphs(runtime_weights, tmp_path_factory: pytest.TempPathFactory):
+def inplace_graphs(runtime_inplace_export, tmp_path_factory: pytest.TempPathFactory):
     """`inplace_graphs(target)` -> model.onnx of the untied tiny model's in-place export or its target."""
-    export = export_onnx(runtime_weights, tmp_path_factory.mktemp("inplace"), ExportOptions(kv_cache="inplace"))
+    export = runtime_inplace_export
     cache: dict[str, Path] = {"plain": export.model_path}
 
     def get(target: str) -> Path:
