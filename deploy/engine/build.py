@@ -194,12 +194,17 @@ def _configure(
     onnx_path: Path,
     logger: Any,
 ) -> trt_api.IBuilderConfig:
-    """Targets, both optimization profiles, layer-detail verbosity (for the inspector), optimization level."""
+    """Targets, both optimization profiles, layer-detail verbosity (for the inspector), optimization level;
+    with plugins, plugin I/O aliasing."""
     config = builder.create_builder_config()
     backend.apply_targets(config, sms)
     config.profiling_verbosity = backend.trt.ProfilingVerbosity.DETAILED
     if options.optimization_level is not None:
         config.builder_optimization_level = options.optimization_level
+    if options.plugins:  # the in-place attention plugin's presents alias its pasts
+        from trt_plugins.registration.tensorrt_qdp import enable_aliased_plugin_io
+
+        enable_aliased_plugin_io(backend.trt, config)
     for p in profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (lo, mid, hi) in p.shapes.items():

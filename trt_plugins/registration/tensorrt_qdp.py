@@ -12,6 +12,10 @@ plugin specs (trt_plugins/spec.py and the op modules), not a second hand-written
 Per plugin (trt_plugins.PLUGINS), registered under "g2trt::<name>" (spec.namespace, version "1"):
   * `@register`: inputs as TensorDescs, the spec's attributes as int/float; output shapes from the op
     module's `output_shapes` evaluated on TensorRT shape expressions, dtypes from its `output_dtypes`.
+    An output the op module lists in `ALIASES` (SlidingWindowAttentionInplace's presents) is returned as
+    `input.aliased()`: tensorrt.plugin then answers TensorRT's `getAliasedInput` (IPluginV3OneBuildV2) with
+    that input, and the kernel gets one buffer for both. TensorRT asks only when the builder config has
+    `PreviewFeature.ALIASED_PLUGIN_IO_10_03` on (`enable_aliased_plugin_io`, called by g2trt build).
   * `@aot_impl`: `trt_plugins.aot.compile_kernel(...)` for this node's attributes, dtypes and static dims;
     returns (kernel name, PTX, launch grid/block/shared memory, int32 scalar arguments) with the kernel's
     parameters in TensorRT's order: input pointers, int32 scalars, output pointers.
@@ -40,6 +44,7 @@ STATIC_DIMS: dict[str, dict[str, str]] = {
     "SoftCap": {"n_cols": "x"},
     "SandwichRMSNorm": {"hidden": "residual"},
     "SlidingWindowAttention": {},
+    "SlidingWindowAttentionInplace": {},
 }
 _REGISTERED: set[str] = set()
 
@@ -122,13 +127,16 @@ def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_ke
     in_params = [inspect.Parameter(n, tensor, annotation=trtp.TensorDesc) for n in spec.inputs]
     attr_params = [inspect.Parameter(n, tensor, annotation=t) for n, t in attr_types.items()]
     out_tuple = tuple.__class_getitem__((trtp.TensorDesc,) * n_out)
+    aliases: dict[int, int] = dict(getattr(module, "ALIASES", {}))  # output index -> the input it writes
 
     def describe(*inputs: Any, **attrs: Any) -> tuple[Any, ...]:
         shapes = module.output_shapes(*[t.shape_expr for t in inputs])
         dtypes = module.output_dtypes(*[t.dtype for t in inputs])
         return tuple(
-            trtp.from_shape_expr(s if isinstance(s, trtp.ShapeExprs) else tuple(s), dtype=d)
-            for s, d in zip(shapes, dtypes, strict=True)
+            inputs[aliases[i]].aliased()  # the very input object: tensorrt.plugin maps aliases by identity
+            if i in aliases
+            else trtp.from_shape_expr(s if isinstance(s, trtp.ShapeExprs) else tuple(s), dtype=d)
+            for i, (s, d) in enumerate(zip(shapes, dtypes, strict=True))
         )
 
     describe.__signature__ = _signature(in_params + attr_params, out_tuple)  # type: ignore[attr-defined]
@@ -153,7 +161,8 @@ def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_ke
 
     outputs_param = inspect.Parameter("outputs", tensor, annotation=out_tuple)
     tactic_param = inspect.Parameter("tactic", tensor, annotation=int)
-    aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], inspect.Signature.empty)  # type: ignore[attr-defined]
+    returns = tuple.__class_getitem__((bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs))  # required
+    aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], returns)  # type: ignore[attr-defined]
     aot.__name__ = f"{spec.name}_aot"
 
     trtp.register(plugin_id(spec))(describe)
@@ -187,6 +196,18 @@ def register_plugins(trt: Any, target_sm: int, compile_kernel: Callable[..., Any
             _REGISTERED.add(pid)
         ids.append(pid)
     return ids
+
+
+def enable_aliased_plugin_io(trt: Any, config: Any) -> None:
+    """Turn on plugin I/O aliasing in a builder config: without `PreviewFeature.ALIASED_PLUGIN_IO_10_03`
+    TensorRT never asks a plugin for aliases, and an in-place plugin's presents would not be its pasts."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "ALIASED_PLUGIN_IO_10_03", None)
+    if feature is None:
+        raise PluginRegistrationError(
+            "this TensorRT has no PreviewFeature.ALIASED_PLUGIN_IO_10_03 (plugin I/O aliasing, TensorRT >= 10.3), "
+            "which the in-place attention plugin needs"
+        )
+    config.set_preview_feature(feature, True)
 
 
 def canonical_plugin_model(onnx_path: str | Path) -> bytes:
