@@ -75,7 +75,7 @@ def test_other_bad_input(tiny_checkpoint, tmp_path):
     one_line_error(run("generate", "--ids", "5 x"), "expected integers")
     one_line_error(run("generate", "--ids", "5", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(run("generate", tiny_checkpoint, "--backend", "trt", "--ids", "5"), "needs an engine")
-    one_line_error(run("package", tiny_checkpoint, "--out", tmp_path / "repo"), "not a checkpoint")
+    one_line_error(run("package", tiny_checkpoint, "--out", tmp_path / "repo"), "package an ONNX model")
     one_line_error(run("bench", "--batch", "1,x"), "comma-separated list of int")
     one_line_error(run("bench", "--prompt", "1020", "--new", "8"), "exceeds the model's max_position_embeddings")
 

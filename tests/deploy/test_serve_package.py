@@ -36,6 +36,7 @@ def test_generation_model_layout_and_config(repo):
     assert validate_repository(repo) == ["gemma2", "gemma2_generate"]
     model = repo / "gemma2_generate"
     assert sorted(p.name for p in (model / "1").iterdir()) == [
+        "manifest.json",  # the graph's KV cache contract, read by the runtime
         "model.onnx",
         "model.onnx.data",
         "model.py",
