@@ -112,6 +112,12 @@ def _signature(params: list[inspect.Parameter], returns: Any) -> inspect.Signatu
     return inspect.Signature(params, return_annotation=returns)
 
 
+def aot_returns(trtp: Any) -> Any:
+    """The return annotation `tensorrt.plugin` requires of an `aot_impl` (TensorRT 10.15 through 11.4 raise "No
+    return annotation found for aot_impl function" without it): kernel name, PTX, launch, scalar arguments."""
+    return tuple.__class_getitem__((bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs))
+
+
 def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_kernel: Callable[..., Any]) -> None:
     spec: PluginSpec = module.SPEC
     if spec.version != "1":  # tensorrt.plugin registers every creator as version "1"
@@ -153,11 +159,15 @@ def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_ke
 
     outputs_param = inspect.Parameter("outputs", tensor, annotation=out_tuple)
     tactic_param = inspect.Parameter("tactic", tensor, annotation=int)
-    aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], inspect.Signature.empty)  # type: ignore[attr-defined]
+    returns = aot_returns(trtp)
+    aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], returns)  # type: ignore[attr-defined]
     aot.__name__ = f"{spec.name}_aot"
 
-    trtp.register(plugin_id(spec))(describe)
-    trtp.aot_impl(plugin_id(spec))(aot)
+    try:
+        trtp.register(plugin_id(spec))(describe)
+        trtp.aot_impl(plugin_id(spec))(aot)
+    except ValueError as e:  # tensorrt.plugin's validators: one line, naming the plugin
+        raise PluginRegistrationError(f"tensorrt.plugin refused {plugin_id(spec)}: {e}") from None
 
 
 def register_plugins(trt: Any, target_sm: int, compile_kernel: Callable[..., Any] | None = None) -> list[str]:
