@@ -390,9 +390,16 @@ def package_cmd(
     help="trt: g2trt plugin nodes; ort: onnxruntime contrib ops; trt-native: stock TensorRT ops.",
 )
 @out_opt
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ort target: the onnxruntime execution provider to lower for (recorded in the manifest).",
+)
 @click.option("--debug", is_flag=True, help="Print why each rejected candidate did not match.")
 @_one_line_errors
-def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
+def optimize_cmd(model: Path, target: str, out: Path, provider: str, debug: bool) -> None:
     """Rewrite MODEL (an exported model.onnx or its directory) for TARGET into OUT (model, manifest, pass report)."""
     import logging
 
@@ -401,7 +408,7 @@ def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
 
     if debug:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    report = optimize(model, target, out, debug=debug)
+    report = optimize(model, target, out, provider=provider, debug=debug)
     rows = [*report.rows(), ("total", "", "", f"{report.nodes_before} -> {report.nodes_after}")]
     ui.out.print(
         ui.table(f"g2trt optimize --target {target}: {report.model_path}", ["pass", "sites", "expected", "nodes"], rows)
