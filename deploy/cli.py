@@ -341,7 +341,12 @@ def bench_cmd(
     help="Triton model repository to write into.",
 )
 @click.option("--name", default="gemma2", show_default=True, help="Model name (its directory in the repository).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=None,
+    help="Triton max_batch_size [default: the engine's largest batch every profile runs; 8 for ONNX].",
+)
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
 @click.option("--kind", default="auto", show_default=True, help="Instance kind: auto, gpu or cpu.")
 @click.option("--max-queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batcher delay.")
@@ -357,7 +362,7 @@ def package_cmd(
     model: Path,
     out: Path,
     name: str,
-    max_batch_size: int,
+    max_batch_size: int | None,
     instances: int,
     kind: str,
     max_queue_delay_us: int,
