@@ -163,3 +163,37 @@ def test_meta_build_has_no_weights() -> None:
     with torch.device("meta"):
         model = Gemma2ForCausalLM(preset("27b"))
     assert all(p.is_meta for p in model.parameters())
+
+
+# 9B's width and heads, two layers (sliding, global), a small vocab: sqrt(3584) = 59.87 is not exact in fp16
+# (59.875) or bf16 (59.75), so HF's rounding of the embedding scale to the weight dtype shows; 2B's
+# sqrt(2304) = 48 is exact in every dtype and would hide it, as tiny's sqrt(64) does.
+REAL_WIDTH = preset("9b").replace(num_hidden_layers=2, vocab_size=512, intermediate_size=512)
+# max |Δlogit| / max |logit| vs transformers run in the same dtype, prefill with left padding. Measured
+# (torch 2.13 CPU): fp16 0.0152 / 22.1 = 6.9e-4, bf16 0.101 / 22.0 = 4.6e-3; bounds ~3x and ~2x that.
+HALF_REL_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_parity_with_transformers_at_a_real_width(dtype: torch.dtype) -> None:
+    cfg = REAL_WIDTH
+    assert float(torch.tensor(cfg.embed_scale, dtype=dtype)) != cfg.embed_scale  # the premise
+    hf, ours = hf_model(cfg, dtype=dtype), load_model(RandomWeights(cfg), dtype)
+    seen: dict[str, torch.Tensor] = {}
+    ours.model.layers[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ours", a[0]))
+    hf.model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("hf", a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    pos = torch.from_numpy(position_ids(am.numpy()))
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am, position_ids=pos).logits.float()
+        got, _ = ours(ids, am, pos, ours.empty_past(2))
+    # The scaled embeddings entering layer 0 are HF's bit for bit (fp16 residuals are kept in fp32 here:
+    # the product of two fp16 values is exact in fp32, so rounding it back must give HF's fp16 product).
+    assert torch.equal(seen["ours"].to(dtype), seen["hf"])
+    valid = am.bool()
+    rel = (got - want)[valid].abs().max() / want[valid].abs().max()
+    assert rel <= HALF_REL_BOUND[dtype], rel
