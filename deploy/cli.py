@@ -429,10 +429,13 @@ def optimize_cmd(model: Path, target: str, out: Path, provider: str, debug: bool
     help="HF checkpoint of MODEL's weights (default: the source its manifest records).",
 )
 @click.option(
-    "--max-len", type=click.IntRange(16), default=512, show_default=True, help="Cap on the 'longer than window' prompt."
+    "--max-len",
+    type=click.IntRange(16),
+    default=None,
+    help="Cap on the 'longer than window' prompt [default: window + 9 tokens, across the sliding window].",
 )
 @_one_line_errors
-def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
+def verify_cmd(model: Path, checkpoint: Path | None, max_len: int | None) -> None:
     """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
     from deploy import console as ui
     from deploy.verify.model import verify_model
@@ -447,9 +450,10 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
         )
     )
     verdict = "ok" if v.ok else "FAIL"
-    ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)} (bound {v.bound:g})")
+    ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)}; {ui.fmt(v.measured)} vs bound {v.bound}")
+    ui.out.print(v.coverage())
     if not v.ok:
-        raise G2trtError(f"{v.model}: max |logit diff| {v.report.worst:.3g} exceeds {v.bound:g}")
+        raise G2trtError(f"{v.model}: max |logit diff| {ui.fmt(v.measured)} exceeds the bound {v.bound}")
 
 
 @cli.command("kernels")
