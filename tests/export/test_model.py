@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from deploy.verify.parity import position_ids
 from export.config import GLOBAL, SLIDING, Gemma2Config, preset
-from export.model import Gemma2ForCausalLM, attention_bias, sliding_mask, softcap
+from export.model import Gemma2ForCausalLM, attention_bias, rms_normalize, sliding_mask, softcap
 from export.weights import RandomWeights, load_model
 from tests.conftest import hf_model
 
@@ -125,6 +125,29 @@ def test_parity_with_transformers_tiny_with_active_softcaps() -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, 8))
     logits, _ = model(ids, torch.ones(1, 8, dtype=torch.int64), torch.arange(8)[None], model.empty_past(1))
     assert logits.abs().max() > 20  # the final cap (30) is in play
+
+
+def test_parity_with_transformers_when_query_pre_attn_scalar_is_not_head_dim() -> None:
+    # 27B's case (144 vs head_dim 128): the score scale must come from query_pre_attn_scalar.
+    cfg = preset("tiny").replace(query_pre_attn_scalar=144)
+    assert cfg.attn_scale != cfg.head_dim**-0.5
+    prefill, decode = _compare_with_hf(cfg, cfg.sliding_window + 5, scale=2.0)
+    assert prefill <= BOUND and decode <= BOUND, (prefill, decode)
+
+
+def test_rmsnorm_scales_by_one_plus_weight_as_transformers_does() -> None:
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    from export.model import RMSNorm
+
+    x = torch.randn(2, 5, 64) * 3
+    ours, theirs = RMSNorm(64, 1e-6), Gemma2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        w = torch.randn(64) * 0.5  # Gemma stores w and scales by (1 + w); w = 0 is the identity
+        ours.weight.copy_(w)
+        theirs.weight.copy_(w)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(ours(x), rms_normalize(x, 1e-6) * w)  # scaling by w alone would differ
 
 
 def test_trimmed_sliding_cache_matches_full_cache() -> None:

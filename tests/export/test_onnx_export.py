@@ -108,6 +108,18 @@ def test_fp32_export_parity_on_random_configs(tmp_path: Path, shape: dict) -> No
     assert report.worst <= 1e-4, report.diffs
 
 
+def test_norm_weights_are_folded_to_one_plus_weight(tiny_export) -> None:
+    """The export folds each RMSNorm's `1 + w` into an initializer named `<weight>.plus_one`."""
+    model = onnx.load(str(tiny_export("fp32").model_path))  # with the external data
+    src = RandomWeights(preset("tiny"))
+    folded = {t.name: t for t in model.graph.initializer if t.name.endswith(".plus_one")}
+    assert len(folded) == 4 * 4 + 1  # 4 norms per layer and the final one
+    for name, tensor in folded.items():
+        w = src.get(name.removesuffix(".plus_one")).float().numpy()
+        assert np.abs(w).max() > 0  # random norm weights: 1 + w and w differ
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), 1.0 + w)
+
+
 def test_trimmed_sliding_cache_runs_through_the_same_graph(tiny_export, tiny_cfg) -> None:
     ort = OrtRunner(tiny_export("fp32").model_path, tiny_cfg)
     w = tiny_cfg.sliding_window
