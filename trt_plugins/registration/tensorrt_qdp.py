@@ -1,8 +1,9 @@
 """g2trt's plugins for the full TensorRT (>= 10.15): `tensorrt.plugin` with ahead-of-time Triton kernels.
 
-UNVERIFIED: written and type-checked against TensorRT 10.15 / 11.4's `tensorrt.plugin` sources, but never
-run: the machines g2trt is developed on have neither a GPU nor the full TensorRT. Everything it derives
-from g2trt's own code (shape and dtype rules, kernel parameters, the PTX it hands over) is tested on CPU.
+Not run on a GPU: the machines g2trt is developed on have neither a GPU nor TensorRT's libraries. The
+tests run this registration through TensorRT 11.4's own `tensorrt.plugin` (its pure-Python validators and
+AOT plugin class) over a stand-in for the compiled module, and replay the builder's calls on the real
+plugin class (tests/trt_plugins/real_tensorrt_plugin.py); TensorRT's C++ builder has never called it.
 
 Why `tensorrt.plugin` (quickly deployable plugins) with `@aot_impl` rather than a C++ IPluginV3: the
 kernel is compiled here (Triton -> PTX) and embedded in the engine, so the engine runs from trtexec or a
