@@ -79,15 +79,21 @@ def test_ort_target_for_the_cuda_provider(dtype: str, bound: float, tiny_export,
         assert compare(reference, candidate, cases).worst <= bound
 
 
-def test_manifest_provider_picks_the_runners_providers_and_requirements_are_checked(tiny_export, tmp_path) -> None:
+def test_manifest_provider_picks_the_runners_providers_and_requirements_are_checked(
+    tiny_export, tmp_path, monkeypatch
+) -> None:
+    import onnxruntime
+
     plain = tiny_export("fp32").model_path
     optimize(plain, "ort", tmp_path / "cpu")
     cpu = read_manifest(tmp_path / "cpu")
     assert (cpu["provider"], cpu["requires"]) == ("cpu", {"onnxruntime": ">=1.32"})
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [*both, "AzureExecutionProvider"])
+    assert default_providers() == both  # as onnxruntime-gpu on a GPU machine would offer them
     assert providers_for(cpu) == ["CPUExecutionProvider"]  # its GQA's attention_bias: the CUDA kernel refuses it
-    cuda = {**cpu, "provider": "cuda"}
-    assert providers_for(cuda) == default_providers()  # CUDA first where this onnxruntime has it
-    assert providers_for(read_manifest(plain)) == default_providers()
+    assert providers_for({**cpu, "provider": "cuda"}) == both  # the CUDA form: CUDA first
+    assert providers_for(read_manifest(plain)) == both
     check_requires(cpu, "m.onnx", installed="1.32.0")
     with pytest.raises(G2trtError, match=r"m.onnx: needs onnxruntime >=1.32, this is 1.31.1: .*--provider cuda"):
         check_requires(cpu, "m.onnx", installed="1.31.1")
