@@ -16,7 +16,9 @@ Engines (Triton's tensorrt backend): the instance group names every optimization
 tactics, refusing decodes longer than the prefill profile's past. `max_batch_size` defaults to, and may not
 exceed, the smallest max batch of the engine's profiles (Triton refuses a repository whose max batch the
 engine cannot run). g2trt.json records what the model requires of the server: the exact TensorRT that
-built the plan (a plan loads in no other), or the onnxruntime an `ort` graph needs (its manifest's).
+built the plan (a plan loads in no other), or the onnxruntime an `ort` graph needs (its manifest's). An
+`ort` graph lowered for the CPU provider gets CPU instances (`--kind gpu` is refused: onnxruntime's CUDA
+kernel rejects its GroupQueryAttention's attention_bias); one lowered with `--provider cuda` may use GPUs.
 
 Plugins: the onnxruntime backend runs the plain and `ort` graphs (com.microsoft contrib ops are built into
 onnxruntime); a `trt` graph's g2trt plugin nodes have no onnxruntime kernel outside Python, so such a graph
@@ -176,8 +178,10 @@ def package(
     engine: dict[str, Any] = {}
     if ref.kind == "onnx":
         backend, onnx_path, files = "onnxruntime", ref.path, [ref.path, *_external_files(ref.path)]
-        requires = dict(read_manifest(onnx_path).get("requires") or {})
+        manifest = read_manifest(onnx_path)
+        requires = dict(manifest.get("requires") or {})
         max_batch_size = 8 if max_batch_size is None else max_batch_size
+        kind = _ort_form_kind(manifest, kind, str(onnx_path))
         if "g2trt" in _plugin_domains(onnx_path):
             raise PackageError(
                 f"{onnx_path}: has g2trt plugin nodes, which onnxruntime in Triton cannot run; "
@@ -246,6 +250,19 @@ def package(
     model_dir = out / name
     validate_repository(out, name)
     return PackageResult(model_dir, model_dir / "config.pbtxt", backend, tuple(inputs), tuple(outputs), command)
+
+
+def _ort_form_kind(manifest: dict[str, Any], kind: str, source: str) -> str:
+    """An `ort` graph lowered for the CPU provider runs on CPU instances only: its GroupQueryAttention takes
+    attention_bias, which onnxruntime's CUDA kernel (Triton's GPU instances) rejects."""
+    if manifest.get("target") != "ort" or manifest.get("provider", "cpu") != "cpu":
+        return kind
+    if kind == "gpu":
+        raise PackageError(
+            f"{source}: lowered for onnxruntime's CPU provider (its GroupQueryAttention takes attention_bias, "
+            "which the CUDA kernel rejects): optimize with --target ort --provider cuda for GPU instances"
+        )
+    return "cpu"
 
 
 def engine_batching(meta: Any, source: str) -> dict[str, Any]:

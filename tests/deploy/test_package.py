@@ -178,6 +178,23 @@ def test_onnx_repository_records_what_it_requires_and_names_no_profile(runtime_t
     assert config.max_batch_size == 8 and [list(g.profile) for g in config.instance_group] == [[]]
 
 
+def test_the_cpu_form_of_the_ort_target_gets_cpu_instances(runtime_export, runtime_target, tmp_path):
+    """Triton's GPU instances run onnxruntime's CUDA kernel, which rejects the CPU form's attention_bias."""
+    package(runtime_target("ort"), tmp_path / "repo", name="auto")
+    assert [g.kind for g in read_config(tmp_path / "repo" / "auto").instance_group] == [tc.INSTANCE_KINDS["KIND_CPU"]]
+    with pytest.raises(PackageError, match="optimize with --target ort --provider cuda for GPU instances"):
+        package(runtime_target("ort"), tmp_path / "repo", name="gpu", kind="gpu")
+    from graph_passes import optimize
+
+    cuda = optimize(runtime_export.model_path, "ort", tmp_path / "ort-cuda", provider="cuda").model_path
+    package(cuda, tmp_path / "repo", name="cuda", kind="gpu")
+    config = read_config(tmp_path / "repo" / "cuda")
+    assert [g.kind for g in config.instance_group] == [tc.INSTANCE_KINDS["KIND_GPU"]]
+    assert json.loads((tmp_path / "repo" / "cuda" / "g2trt.json").read_text())["requires"] == {
+        "onnxruntime": ">=1.31.1"
+    }
+
+
 def test_the_batch_cap_is_the_smallest_profile_max(runtime_export, tmp_path):
     profiles = planned_profiles(runtime_export.model_path, batch=6, decode_batch=4)
     engine = fake_engine(runtime_export, tmp_path, "tensorrt", profiles)
