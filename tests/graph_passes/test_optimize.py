@@ -3,8 +3,9 @@ longer than the window, against the unoptimized export in onnxruntime.
 
 Bounds (max |logit diff| on valid positions): fp32 <= 1e-4 (measured ~1e-5); fp16 <= 1e-2 against the
 unoptimized fp16 export (measured ~4e-3: fp16 rounding of a different op order; both stay within
-deploy/verify/parity.py's fp16 bound against the fp32 PyTorch model). Random configs cover no GQA expansion (KV == H), no
-soft-caps, an odd layer count, a global first layer and query_pre_attn_scalar != head_dim.
+deploy/verify/parity.py's fp16 bound against the fp32 PyTorch model). Random configs cover no GQA
+expansion (KV == H), no soft-caps, an odd layer count, a global first layer and query_pre_attn_scalar !=
+head_dim.
 """
 
 from __future__ import annotations
@@ -208,6 +209,17 @@ def test_cli_optimize_then_verify(tiny_export, tmp_path) -> None:
     assert "ok: max |Δlogit|" in res.output and "SlidingWindowAttention" not in res.output
     bad = runner.invoke(cli, ["optimize", str(plain), "--target", "nope", "--out", str(tmp_path / "n")])
     assert bad.exit_code != 0
+
+
+def test_cli_provider_option(tiny_export, tmp_path) -> None:
+    plain = str(tiny_export("fp32").model_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["optimize", plain, "--target", "ort", "--provider", "cuda", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "lower_attention_ort_cuda" in res.output and read_manifest(tmp_path / "o")["provider"] == "cuda"
+    bad = runner.invoke(cli, ["optimize", plain, "--target", "trt", "--provider", "cuda", "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 1 and "--provider cuda applies to the ort target only" in bad.output
+    assert not (tmp_path / "t").exists()
 
 
 def test_verify_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:
