@@ -166,12 +166,13 @@ def _multi_token(g: PassGraph, packed_q: gs.Tensor, like: gs.Node) -> gs.Tensor:
 
 def _multi_token_or_padded(g: PassGraph, packed_q: gs.Tensor, mask: gs.Tensor, like: gs.Node) -> gs.Tensor:
     """`S > 1 or min(attention_mask) == 0`, computed once: the CUDA form's condition for the standard ops."""
-    if "multi_token_or_padded" not in g.memo:
+    key = ("multi_token_or_padded", mask.name)
+    if key not in g.memo:
         lowest = g.op("ReduceMin", [mask], like=like, dtype=np.int64, keepdims=0)  # every axis: a scalar
         padded = g.op("Equal", [lowest, g.constant("zero", np.array(0, np.int64))], like=like, dtype=np.bool_)
         multi = _multi_token(g, packed_q, like)
-        g.memo["multi_token_or_padded"] = g.op("Or", [multi, padded], like=like, dtype=np.bool_)
-    return g.memo["multi_token_or_padded"]
+        g.memo[key] = g.op("Or", [multi, padded], like=like, dtype=np.bool_)
+    return g.memo[key]
 
 
 def finish(g: PassGraph) -> None:
