@@ -409,7 +409,12 @@ def bench_cmd(
     help="Triton model repository to write into.",
 )
 @click.option("--name", default="gemma2", show_default=True, help="Model name (its directory in the repository).")
-@click.option("--max-batch-size", type=int, default=8, show_default=True)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=None,
+    help="Triton max_batch_size [default: the engine's largest batch every profile runs; 8 for ONNX].",
+)
 @click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
 @click.option("--kind", default="auto", show_default=True, help="Instance kind: auto, gpu or cpu.")
 @click.option("--max-queue-delay-us", type=int, default=100, show_default=True, help="Dynamic batcher delay.")
@@ -429,7 +434,7 @@ def package_cmd(
     model: Path,
     out: Path,
     name: str,
-    max_batch_size: int,
+    max_batch_size: int | None,
     instances: int,
     kind: str,
     max_queue_delay_us: int,
@@ -501,9 +506,16 @@ def serve_cmd(
     help="trt: g2trt plugin nodes; ort: onnxruntime contrib ops; trt-native: stock TensorRT ops.",
 )
 @out_opt
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ort target: the onnxruntime execution provider to lower for (recorded in the manifest).",
+)
 @click.option("--debug", is_flag=True, help="Print why each rejected candidate did not match.")
 @_one_line_errors
-def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
+def optimize_cmd(model: Path, target: str, out: Path, provider: str, debug: bool) -> None:
     """Rewrite MODEL (an exported model.onnx or its directory) for TARGET into OUT (model, manifest, pass report)."""
     import logging
 
@@ -512,7 +524,7 @@ def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
 
     if debug:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    report = optimize(model, target, out, debug=debug)
+    report = optimize(model, target, out, provider=provider, debug=debug)
     rows = [*report.rows(), ("total", "", "", f"{report.nodes_before} -> {report.nodes_after}")]
     ui.out.print(
         ui.table(f"g2trt optimize --target {target}: {report.model_path}", ["pass", "sites", "expected", "nodes"], rows)
@@ -528,10 +540,13 @@ def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
     help="HF checkpoint of MODEL's weights (default: the source its manifest records).",
 )
 @click.option(
-    "--max-len", type=click.IntRange(16), default=512, show_default=True, help="Cap on the 'longer than window' prompt."
+    "--max-len",
+    type=click.IntRange(16),
+    default=None,
+    help="Cap on the 'longer than window' prompt [default: window + 9 tokens, across the sliding window].",
 )
 @_one_line_errors
-def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
+def verify_cmd(model: Path, checkpoint: Path | None, max_len: int | None) -> None:
     """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
     from deploy import console as ui
     from deploy.verify.model import verify_model
@@ -546,9 +561,10 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
         )
     )
     verdict = "ok" if v.ok else "FAIL"
-    ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)} (bound {v.bound:g})")
+    ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)}; {ui.fmt(v.measured)} vs bound {v.bound}")
+    ui.out.print(v.coverage())
     if not v.ok:
-        raise G2trtError(f"{v.model}: max |logit diff| {v.report.worst:.3g} exceeds {v.bound:g}")
+        raise G2trtError(f"{v.model}: max |logit diff| {ui.fmt(v.measured)} exceeds the bound {v.bound}")
 
 
 @cli.command("kernels")

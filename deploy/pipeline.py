@@ -53,7 +53,7 @@ class PipelineOptions:
     sm: int = 89  # TensorRT-RTX target compute capability of the engine
     bench: bool = True
     serve: bool = True  # package, serve (real Triton server), query and stop
-    verify_max_len: int = 512  # cap on the "longer than window" case (real windows are 4096)
+    verify_max_len: int | None = None  # cap on the "longer than window" prompt; None: window + 9 (crosses it)
 
 
 @dataclasses.dataclass
@@ -78,8 +78,12 @@ def _timed(stage: str, fn: Callable[[], tuple[str, str, dict[str, Any]]]) -> Sta
 def _verified(v: Verification) -> tuple[str, str, dict[str, Any]]:
     r = v.report
     verdict = "ok" if v.ok else "FAIL"
-    text = f"{verdict}: max|Δlogit| prefill {ui.fmt(r.prefill)}, decode {ui.fmt(r.decode)} (bound {v.bound:g})"
-    return text, str(v.model), {"prefill": r.prefill, "decode": r.decode, "bound": v.bound, "ok": v.ok}
+    text = (
+        f"{verdict}: max|Δlogit| prefill {ui.fmt(r.prefill)}, decode {ui.fmt(r.decode)}; "
+        f"{ui.fmt(v.measured)} vs bound {v.bound}; {v.coverage()}"
+    )
+    details = {"prefill": r.prefill, "decode": r.decode, "measured": v.measured, "bound": str(v.bound), "ok": v.ok}
+    return text, str(v.model), details | {"longest_prompt": v.longest, "crosses_window": v.crosses_window}
 
 
 def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: PipelineOptions) -> list[StageRow]:

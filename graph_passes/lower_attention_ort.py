@@ -28,6 +28,13 @@ multi-token steps with a cache), and the padding goes in `attention_bias` [B, 1,
 model's, so a fully padded query row stays finite. onnxruntime applies the bias after the soft-cap
 and its window is exactly HF's (key > query - window) with `local_window_size = sliding_window`.
 
+CUDA form (`PASS_CUDA`, `g2trt optimize --target ort --provider cuda`): onnxruntime's CUDA kernel
+rejects `attention_bias` ("not supported in GroupQueryAttention cuda kernel") and reads none of the
+inputs after `total_sequence_length` that this lowering uses (`query_seqlens`), so its GQA gets only
+inputs 0-6 (`CUDA_GQA_INPUTS`). Without a bias GQA cannot mask left padding, so its If takes GQA only
+for one token of a batch without padding (`S == 1` and `ReduceMin(attention_mask) == 1`) and the
+standard-op core otherwise: exact for padded batches, fused for the common unpadded decode.
+
 Rotary: GQA's built-in rotary (`do_rotary`) reads positions from the cache slot (or, in a first
 prompt, only position_ids' first element), which is wrong for left-padded rows, so RoPE runs as
 RotaryEmbedding on the packed projection with the real `position_ids` (tables up to
@@ -54,6 +61,9 @@ GQA = "GroupQueryAttention"
 ROTARY = "RotaryEmbedding"
 MS_DOMAIN = "com.microsoft"
 IFS = "lower_attention_ort.ifs"  # memo: the If of each site, filled by finish()
+# GroupQueryAttention inputs onnxruntime's CUDA kernel accepts here: query .. total_sequence_length (it
+# rejects attention_bias; cos/sin/position_ids are for do_rotary, which is off)
+CUDA_GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,14 @@ def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
 
 
 def rewrite(g: PassGraph, site: Site) -> None:
+    _rewrite(g, site, cuda=False)
+
+
+def rewrite_cuda(g: PassGraph, site: Site) -> None:
+    _rewrite(g, site, cuda=True)
+
+
+def _rewrite(g: PassGraph, site: Site, cuda: bool) -> None:
     low: Lowering = site.data
     node = low.node
     if node.op == INPLACE.name:
@@ -89,6 +107,8 @@ def rewrite(g: PassGraph, site: Site) -> None:
     seqlens, total, qlens, bias = _aux(g, q3, past_key, mask, dtype, node)
     inputs = [q3, k3, v3, past_key, past_value, seqlens, total, None, None, None, bias]
     inputs += [None] * 5 + [qlens]  # head_sink, k_scale, v_scale, q_norm_weight, k_norm_weight, query_seqlens
+    if cuda:  # the unused bias and query lengths are dropped by the driver's cleanup
+        inputs = inputs[: len(CUDA_GQA_INPUTS)]
     o3 = _packed_output(g, out, h, d)
     result = o3 if o3 is not None else g.variable(f"{node.name}/attn_out", dtype)
     gqa = [g.variable(f"{node.name}/gqa_{n}", dtype) for n in ("out", "present_key", "present_value")]
@@ -106,9 +126,8 @@ def rewrite(g: PassGraph, site: Site) -> None:
         do_rotary=0,
     )
     full = _decomposed(g, node, [q3, k3, v3, past_key, past_value, mask], h, kv, d, dtype)
-    g.memo.setdefault(IFS, []).append(
-        branches.make_if(g, _multi_token(g, q3, node), full, gqa, [result, present_k, present_v], like=node)
-    )
+    cond = _multi_token_or_padded(g, q3, mask, node) if cuda else _multi_token(g, q3, node)
+    g.memo.setdefault(IFS, []).append(branches.make_if(g, cond, full, gqa, [result, present_k, present_v], like=node))
     if o3 is None:  # no o_proj reshape to feed directly: back to [B, H, S, Dh]
         o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
         g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
@@ -289,6 +308,17 @@ def _multi_token(g: PassGraph, packed_q: gs.Tensor, like: gs.Node) -> gs.Tensor:
     return g.memo["multi_token"]
 
 
+def _multi_token_or_padded(g: PassGraph, packed_q: gs.Tensor, mask: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """`S > 1 or min(attention_mask) == 0`, computed once: the CUDA form's condition for the standard ops."""
+    key = ("multi_token_or_padded", mask.name)
+    if key not in g.memo:
+        lowest = g.op("ReduceMin", [mask], like=like, dtype=np.int64, keepdims=0)  # every axis: a scalar
+        padded = g.op("Equal", [lowest, g.constant("zero", np.array(0, np.int64))], like=like, dtype=np.bool_)
+        multi = _multi_token(g, packed_q, like)
+        g.memo[key] = g.op("Or", [multi, padded], like=like, dtype=np.bool_)
+    return g.memo[key]
+
+
 def finish(g: PassGraph) -> None:
     branches.move_into_branches(g, g.memo.get(IFS, []))
 
@@ -388,4 +418,6 @@ PASS = Pass(
     finish=finish,
     doc=__doc__ or "",
 )
+# the same lowering for onnxruntime's CUDA provider (see "CUDA form" above); the pass report names it apart
+PASS_CUDA = dataclasses.replace(PASS, name="lower_attention_ort_cuda", rewrite=rewrite_cuda)
 run = PASS.__call__

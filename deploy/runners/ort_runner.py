@@ -1,5 +1,10 @@
 """onnxruntime as a runner (CPU EP here; CUDA EP where onnxruntime-gpu and a GPU are present).
 
+Providers follow the graph's manifest: an `ort` graph lowered for the CPU provider (its GroupQueryAttention
+takes attention_bias, which onnxruntime's CUDA kernel rejects) runs on the CPU provider only; one lowered
+with `--provider cuda`, and every other graph, gets CUDA first where this onnxruntime has it. What the
+manifest says the graph requires of onnxruntime (`requires`) is checked before the session is made.
+
 Any g2trt graph runs here: the plain export, the `ort` target (com.microsoft contrib ops, built into
 onnxruntime) and the `trt` target, whose g2trt plugin nodes run as the reference ops that
 `trt_plugins.ort_ops` registers, so a TensorRT graph is checked token for token without a GPU.
@@ -28,6 +33,7 @@ from deploy.runners.base import (
 from export import io_contract as io
 from export.config import Gemma2Config
 from export.errors import G2trtError
+from export.manifest import ManifestError, read_manifest
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -154,15 +160,18 @@ def open_session(
     providers: list[str] | None,
     session_options: ort.SessionOptions | None,
 ) -> ort.InferenceSession:
+    """A session of a g2trt graph: the providers its manifest allows, after checking what it requires."""
     so = session_options or ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    manifest = _manifest(model_path)
+    check_requires(manifest, str(model_path))
     try:
         if uses_plugin_ops(model_path):
             return plugin_session(model_path, so, providers)
-        return ort.InferenceSession(str(model_path), so, providers=providers or default_providers())
+        return ort.InferenceSession(str(model_path), so, providers=providers or providers_for(manifest))
     except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
         raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
@@ -178,6 +187,35 @@ def default_providers() -> list[str]:
     """CUDA EP first when this onnxruntime has it (onnxruntime-gpu); onnxruntime falls back to CPU."""
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def providers_for(manifest: dict[str, Any]) -> list[str]:
+    """The providers the graph was lowered for: the CPU form of the `ort` target on CPU only, else CUDA first."""
+    if manifest.get("target") == "ort" and manifest.get("provider", "cpu") == "cpu":
+        return ["CPUExecutionProvider"]
+    return default_providers()
+
+
+def check_requires(manifest: dict[str, Any], source: str, installed: str | None = None) -> None:
+    """One line if this onnxruntime is older than the graph's manifest requires (`requires.onnxruntime`)."""
+    from deploy.engine.backend import version_tuple
+
+    spec = str((manifest.get("requires") or {}).get("onnxruntime", ""))
+    if not spec:
+        return
+    if not spec.startswith(">="):
+        raise G2trtError(f"{source}: manifest requires onnxruntime {spec!r}; g2trt understands only '>=X.Y[.Z]'")
+    installed = installed or ort.__version__
+    if version_tuple(installed) < version_tuple(spec[2:]):
+        hint = "; lower it again with --provider cuda" if manifest.get("provider", "cpu") == "cpu" else ""
+        raise G2trtError(f"{source}: needs onnxruntime {spec}, this is {installed}: upgrade onnxruntime{hint}")
+
+
+def _manifest(model_path: str | Path) -> dict[str, Any]:
+    try:
+        return read_manifest(model_path)
+    except ManifestError:  # a hand-built graph: no recorded target, provider or requirement
+        return {}
 
 
 def uses_plugin_ops(model_path: str | Path) -> bool:

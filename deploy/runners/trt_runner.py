@@ -4,7 +4,11 @@ Inputs and the KV cache live in torch CUDA tensors whose addresses the execution
 (`set_tensor_address`); the cache stays on the GPU between steps (presents are torch tensors, only
 ever passed back to this runner), and only the logits are copied to the host. Each call picks the
 first optimization profile whose ranges hold the shapes, sets the input shapes, allocates outputs at
-the shapes the context infers, and runs `execute_async_v3` on the runner's stream.
+the shapes the context infers, and runs `execute_async_v3` on torch's *current* stream: the inputs'
+copies and casts, a trimmed window cache and the output allocations are all queued there, so TensorRT
+reads nothing before it is written (a separate stream from torch's pool does not wait for them).
+Every TensorRT call that can refuse (context creation, profile, input shape, tensor address, enqueue)
+is checked, and every I/O tensor must live on the device (a host shape tensor would get a device pointer).
 
 Before any bytes reach TensorRT, the engine's side file (`ENGINE.json`, written by `g2trt build`) is
 checked against this runtime and GPU (`deploy.engine.meta.read_checked_engine`): a foreign TensorRT
@@ -76,9 +80,13 @@ class TrtRunner:
             last = self.logger.errors[-1] if self.logger.errors else "no message"
             raise TrtRunnerError(f"{engine_path}: {backend.label} could not deserialize the engine ({last})")
         self.context = self.engine.create_execution_context()
-        self.device = torch.device("cuda")
-        self.stream = torch.cuda.Stream()
+        if self.context is None:
+            raise TrtRunnerError(f"{engine_path}: {backend.label} could not create an execution context (GPU memory?)")
+        self.device = _device()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        on_host = [n for n in names if self.engine.get_tensor_location(n) != trt.TensorLocation.DEVICE]
+        if on_host:
+            raise TrtRunnerError(f"{engine_path}: engine tensor(s) {on_host[:3]} live on the host (shape tensors?)")
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         contract = (("inputs", inputs, io.input_names(config)), ("outputs", outputs, io.output_names(config)))
@@ -111,11 +119,13 @@ class TrtRunner:
         for i, (k, v) in enumerate(past):
             feeds[io.past_name(i, "key")] = self._device(k, io.past_name(i, "key"))
             feeds[io.past_name(i, "value")] = self._device(v, io.past_name(i, "value"))
-        self._select_profile({n: tuple(t.shape) for n, t in feeds.items()})
+        stream = torch.cuda.current_stream(self.device)  # where the feeds above were queued
+        self._select_profile({n: tuple(t.shape) for n, t in feeds.items()}, stream.cuda_stream)
         ctx = self.context
         for name, t in feeds.items():
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise TrtRunnerError(f"TensorRT refused input shape {name}={tuple(t.shape)} (see its log)")
+            self._address(name, t)
         outs: dict[str, torch.Tensor] = {}
         for name in io.output_names(self.config):
             shape = tuple(ctx.get_tensor_shape(name))
@@ -123,14 +133,18 @@ class TrtRunner:
                 raise TrtRunnerError(f"engine could not infer the shape of {name} ({shape})")
             t = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             outs[name] = t
-            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr())
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            self._address(name, t)
+        if not ctx.execute_async_v3(stream.cuda_stream):
             raise TrtRunnerError("TensorRT execute_async_v3 failed (see its log above)")
-        self.stream.synchronize()
+        stream.synchronize()
         logits = outs[io.LOGITS].float().cpu().numpy()
         n = self.config.num_hidden_layers
         presents = [(outs[io.present_name(i, "key")], outs[io.present_name(i, "value")]) for i in range(n)]
         return logits, presents
+
+    def _address(self, name: str, t: Any) -> None:
+        if not self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._dummy.data_ptr()):
+            raise TrtRunnerError(f"TensorRT refused the address of {name} (see its log)")
 
     def _device(self, a: Any, name: str) -> Any:
         """`a` (numpy, or a tensor this runner returned) as a contiguous CUDA tensor of the engine's type."""
@@ -139,7 +153,7 @@ class TrtRunner:
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
         return t.to(device=self.device, dtype=self.dtypes[name], non_blocking=True).contiguous()
 
-    def _select_profile(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def _select_profile(self, shapes: dict[str, tuple[int, ...]], stream: int) -> None:
         """The side file's named profile for this step (prefill / decode) if it holds the shapes, else any."""
         names = [p.get("name") for p in self.meta.profiles]
         wanted = "decode" if shapes[io.INPUT_IDS][1] == 1 else "prefill"
@@ -150,7 +164,8 @@ class TrtRunner:
         for p in order:
             if all(_within(self.engine.get_tensor_profile_shape(n, p), s) for n, s in shapes.items()):
                 if p != self._profile:
-                    self.context.set_optimization_profile_async(p, self.stream.cuda_stream)
+                    if not self.context.set_optimization_profile_async(p, stream):
+                        raise TrtRunnerError(f"TensorRT refused optimization profile {p} (see its log)")
                     self._profile = p
                 return
         raise TrtRunnerError(
@@ -158,6 +173,12 @@ class TrtRunner:
             + ", ".join(f"{n}={s}" for n, s in list(shapes.items())[:3])
             + " (rebuild with larger --max-batch / --max-seq)"
         )
+
+
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda")
 
 
 def _within(profile: Any, shape: tuple[int, ...]) -> bool:

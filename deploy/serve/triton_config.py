@@ -48,6 +48,7 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
         ("count", 2, _F.TYPE_INT32, _F.LABEL_OPTIONAL, ""),
         ("gpus", 3, _F.TYPE_INT32, _F.LABEL_REPEATED, ""),
         ("kind", 4, _F.TYPE_ENUM, _F.LABEL_OPTIONAL, ".inference.ModelInstanceGroup.Kind"),
+        ("profile", 5, _F.TYPE_STRING, _F.LABEL_REPEATED, ""),  # TensorRT optimization profile indices
     ]),
     ("ModelParameter", [("string_value", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, "")]),
     ("ModelOperations", [("op_library_filename", 1, _F.TYPE_STRING, _F.LABEL_REPEATED, "")]),

@@ -4,7 +4,8 @@ The reference weights are the model's own: `--checkpoint DIR`, else the source i
 (a checkpoint path, or the seed of random weights, re-drawn). `trt`-target graphs run their plugin
 nodes as the PyTorch reference ops (trt_plugins/ort_ops.py), so a TensorRT graph is checked here,
 on CPU. Cases: deploy/verify/parity.py's parity cases (batch 2 with left padding, a prompt longer than the
-window), prefill + 3 decode steps; bound: deploy/verify/parity.py's TOLERANCE for the model's dtype.
+window: window + 9 tokens, 4105 for a real checkpoint, unless `max_len` caps it, which the result then says),
+prefill + 3 decode steps; bound: deploy/verify/parity.py's TOLERANCE for the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from deploy.runners.factory import graph_contract
 from deploy.runners.onnx_reference_runner import OnnxReferenceInplaceRunner, OnnxReferenceRunner
 from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner
 from deploy.runners.torch_runner import TorchRunner
-from deploy.verify.parity import TOLERANCE, Report, compare, compare_inplace, parity_cases
+from deploy.verify.parity import TOLERANCE, Bound, Report, compare, compare_inplace, parity_cases
 from export.checkpoint import open_checkpoint
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -39,11 +40,28 @@ class Verification:
     dtype: str
     source: str
     report: Report
-    bound: float
+    bound: Bound
+    longest: int  # tokens of the longest prompt verified
+    window: int  # the model's sliding window
 
     @property
     def ok(self) -> bool:
-        return self.report.worst <= self.bound
+        return self.measured <= self.bound.value
+
+    @property
+    def measured(self) -> float:
+        """What the bound applies to: max |Δlogit|, or that over the reference's max |logit| (half precision)."""
+        return self.bound.measure(self.report)
+
+    @property
+    def crosses_window(self) -> bool:
+        return self.longest > self.window
+
+    def coverage(self) -> str:
+        """One phrase saying whether the sliding window was crossed (a --max-len cap can prevent it)."""
+        if self.crosses_window:
+            return f"prompts up to {self.longest} tokens, across the {self.window}-token window"
+        return f"NOT across the {self.window}-token window (prompts capped at {self.longest} tokens)"
 
 
 def verify_model(
@@ -51,7 +69,7 @@ def verify_model(
     checkpoint: str | Path | None = None,
     *,
     reference: Runner | None = None,
-    max_len: int = 512,
+    max_len: int | None = None,
     seed: int = 0,
 ) -> Verification:
     """Compare `model_path` with the fp32 PyTorch model of its weights (`reference`, if given, is that
@@ -75,7 +93,9 @@ def verify_model(
     else:
         report = compare(reference, candidate, cases)
     described = str(checkpoint) if checkpoint else _describe(manifest.get("source") or {})
-    return Verification(model_path, manifest.get("target", "export"), dtype, described, report, TOLERANCE[dtype])
+    longest = max(c.input_ids.shape[1] for c in cases)
+    target = manifest.get("target", "export")
+    return Verification(model_path, target, dtype, described, report, TOLERANCE[dtype], longest, cfg.sliding_window)
 
 
 def _source(manifest: dict, checkpoint: str | Path | None, model_path: Path) -> WeightSource:

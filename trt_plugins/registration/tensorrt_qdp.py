@@ -1,8 +1,9 @@
 """g2trt's plugins for the full TensorRT (>= 10.15): `tensorrt.plugin` with ahead-of-time Triton kernels.
 
-UNVERIFIED: written and type-checked against TensorRT 10.15 / 11.4's `tensorrt.plugin` sources, but never
-run: the machines g2trt is developed on have neither a GPU nor the full TensorRT. Everything it derives
-from g2trt's own code (shape and dtype rules, kernel parameters, the PTX it hands over) is tested on CPU.
+Not run on a GPU: the machines g2trt is developed on have neither a GPU nor TensorRT's libraries. The
+tests run this registration through TensorRT 11.4's own `tensorrt.plugin` (its pure-Python validators and
+AOT plugin class) over a stand-in for the compiled module, and replay the builder's calls on the real
+plugin class (tests/trt_plugins/real_tensorrt_plugin.py); TensorRT's C++ builder has never called it.
 
 Why `tensorrt.plugin` (quickly deployable plugins) with `@aot_impl` rather than a C++ IPluginV3: the
 kernel is compiled here (Triton -> PTX) and embedded in the engine, so the engine runs from trtexec or a
@@ -117,6 +118,12 @@ def _signature(params: list[inspect.Parameter], returns: Any) -> inspect.Signatu
     return inspect.Signature(params, return_annotation=returns)
 
 
+def aot_returns(trtp: Any) -> Any:
+    """The return annotation `tensorrt.plugin` requires of an `aot_impl` (TensorRT 10.15 through 11.4 raise "No
+    return annotation found for aot_impl function" without it): kernel name, PTX, launch, scalar arguments."""
+    return tuple.__class_getitem__((bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs))
+
+
 def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_kernel: Callable[..., Any]) -> None:
     spec: PluginSpec = module.SPEC
     if spec.version != "1":  # tensorrt.plugin registers every creator as version "1"
@@ -161,12 +168,15 @@ def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_ke
 
     outputs_param = inspect.Parameter("outputs", tensor, annotation=out_tuple)
     tactic_param = inspect.Parameter("tactic", tensor, annotation=int)
-    returns = tuple.__class_getitem__((bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs))  # required
+    returns = aot_returns(trtp)
     aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], returns)  # type: ignore[attr-defined]
     aot.__name__ = f"{spec.name}_aot"
 
-    trtp.register(plugin_id(spec))(describe)
-    trtp.aot_impl(plugin_id(spec))(aot)
+    try:
+        trtp.register(plugin_id(spec))(describe)
+        trtp.aot_impl(plugin_id(spec))(aot)
+    except ValueError as e:  # tensorrt.plugin's validators: one line, naming the plugin
+        raise PluginRegistrationError(f"tensorrt.plugin refused {plugin_id(spec)}: {e}") from None
 
 
 def register_plugins(trt: Any, target_sm: int, compile_kernel: Callable[..., Any] | None = None) -> list[str]:
