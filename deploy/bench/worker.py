@@ -56,9 +56,9 @@ def load(spec: Any) -> Any:
         if contract == "inplace":
             return OrtInplaceRunner(spec.path, cfg, name=spec.backend, threads=spec.threads, full_sliding=full_sliding)
         return OrtRunner(spec.path, cfg, name=spec.backend, threads=spec.threads)
-    from deploy.runners.trt_runner import TrtRunner
+    from deploy.runners.trt_runner import open_trt_runner
 
-    return TrtRunner(spec.path, cfg, name=spec.backend)
+    return open_trt_runner(spec.path, cfg, name=spec.backend)
 
 
 def trial(backend: Any, input_ids: np.ndarray, new: int) -> dict[str, Any]:

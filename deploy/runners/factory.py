@@ -146,12 +146,12 @@ def open_runner(
         if contract == "dynamic":
             return OrtRunner(path, ref.config, name=name or "ort", threads=threads)
         return OrtInplaceRunner(path, ref.config, name=name or "ort", threads=threads, full_sliding=full_sliding)
-    from deploy.runners.trt_runner import TrtRunner
+    from deploy.runners.trt_runner import open_trt_runner
 
     if ref.kind != "engine":
         raise ModelError(f"{ref.path or ref.preset}: the trt backend needs an engine built by `g2trt build`")
     assert ref.path is not None
-    return TrtRunner(ref.path, ref.config, name=name or "trt")
+    return open_trt_runner(ref.path, ref.config, name=name or "trt", kv_cache=kv_cache)
 
 
 def _check_contract(path: Path, contract: str, wanted: str | None) -> None:

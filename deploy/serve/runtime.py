@@ -137,11 +137,11 @@ def open_slot_model(model_dir: Path, version_dir: Path, params: ServingParams) -
 def _open_runner(version_dir: Path, cfg: Gemma2Config, params: ServingParams) -> tuple[Runner | InplaceRunner, str]:
     onnx, engine = model_files(version_dir)
     if engine is not None and params.runtime in ("auto", "trt"):
-        from deploy.runners.trt_runner import TrtRunner, unavailable_reason
+        from deploy.runners.trt_runner import open_trt_runner, unavailable_reason
 
         reason = unavailable_reason()
         if reason is None:
-            return TrtRunner(engine, cfg), f"TensorRT engine {engine.name}"
+            return open_trt_runner(engine, cfg), f"TensorRT engine {engine.name}"
         if params.runtime == "trt" or onnx is None:
             raise ServingError(f"{engine}: cannot run here: {reason}")
     elif params.runtime == "trt":

@@ -39,7 +39,7 @@ class Stream:
 
 class Context:
     def __init__(self, log: list, refuse: str | None) -> None:
-        self.log, self.refuse, self.shapes = log, refuse, {}
+        self.log, self.refuse, self.shapes, self.addresses = log, refuse, {}, {}
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         self.log.append(("set_input_shape", name))
@@ -48,6 +48,7 @@ class Context:
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         self.log.append(("set_tensor_address", name))
+        self.addresses[name] = ptr
         return self.refuse != "set_tensor_address"
 
     def set_optimization_profile_async(self, p: int, stream: int) -> bool:
@@ -67,8 +68,18 @@ class Context:
         return True
 
 
-def fake_trt(log: list, *, host: str | None = None, refuse: str | None = None, no_context: bool = False) -> Any:
-    names = io.input_names(CFG) + io.output_names(CFG)
+CACHE = 48  # the in-place engine's static cache length
+
+
+def fake_trt(
+    log: list,
+    *,
+    host: str | None = None,
+    refuse: str | None = None,
+    no_context: bool = False,
+    kv_cache: str = "dynamic",
+) -> Any:
+    names = io.input_names(CFG, kv_cache) + io.output_names(CFG)
     DataType = types.SimpleNamespace(FLOAT="f32", HALF="f16", BF16="bf16", INT64="i64", INT32="i32")
     TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     TensorLocation = types.SimpleNamespace(DEVICE="device", HOST="host")
@@ -82,7 +93,12 @@ def fake_trt(log: list, *, host: str | None = None, refuse: str | None = None, n
             return names[i]
 
         def get_tensor_mode(self, n: str) -> str:
-            return TensorIOMode.INPUT if n in io.input_names(CFG) else TensorIOMode.OUTPUT
+            return TensorIOMode.INPUT if n in io.input_names(CFG, kv_cache) else TensorIOMode.OUTPUT
+
+        def get_tensor_shape(self, n: str) -> tuple:
+            if n == io.LOGITS:
+                return (-1, -1, CFG.vocab_size)
+            return (-1, CFG.num_key_value_heads, CACHE if kv_cache == "inplace" else -1, CFG.head_dim)
 
         def get_tensor_dtype(self, n: str) -> str:
             return DataType.INT64 if n in (io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS) else DataType.FLOAT
@@ -97,6 +113,8 @@ def fake_trt(log: list, *, host: str | None = None, refuse: str | None = None, n
             if n == io.ATTENTION_MASK:
                 return [(1, seq[0]), (1, seq[0]), (big[0], big[2] + seq[1])]
             d = (CFG.num_key_value_heads, CFG.head_dim)
+            if kv_cache == "inplace":
+                return [(1, d[0], CACHE, d[1]), (1, d[0], CACHE, d[1]), (big[0], d[0], CACHE, d[1])]
             return [(1, d[0], 0, d[1]), (1, d[0], 0, d[1]), (big[0], d[0], big[2], d[1])]
 
         def create_execution_context(self) -> Context | None:
@@ -121,9 +139,9 @@ def make_runner(monkeypatch: pytest.MonkeyPatch):
     import deploy.engine.gpu_info as gpu_info
     import deploy.engine.meta as meta
 
-    def make(**options: Any) -> tuple[TrtRunner, list]:
+    def make(runner: type = TrtRunner, **options: Any) -> tuple[Any, list]:
         log: list = []
-        trt = fake_trt(log, **options)
+        trt = fake_trt(log, **{"kv_cache": runner.kv_cache, **options})
         fake_backend = types.SimpleNamespace(
             trt=trt, label="TensorRT 11.4.0", logger=lambda: types.SimpleNamespace(errors=[])
         )
@@ -139,7 +157,7 @@ def make_runner(monkeypatch: pytest.MonkeyPatch):
         current = Stream(log, CURRENT)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
         monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: Stream(log))  # torch's pool: another stream
-        return TrtRunner("model.engine", CFG), log
+        return runner("model.engine", CFG), log
 
     return make
 
@@ -200,3 +218,41 @@ def test_a_refused_tensorrt_call_is_an_error_not_a_silent_wrong_run(make_runner,
     with pytest.raises(TrtRunnerError, match="TensorRT refused"):
         step(runner, np.ones((1, 3), np.int64), np.ones((1, 3), np.int64), runner.empty_past(1))
     assert "execute_async_v3" not in [e[0] for e in log]
+
+
+# The in-place contract: one device cache bound as past and present, nothing set or allocated per decode step.
+
+
+def test_inplace_binds_present_to_past_and_decodes_without_rebinding(make_runner):
+    from deploy.runners.trt_runner import TrtInplaceRunner
+
+    runner, log = make_runner(TrtInplaceRunner)
+    cache = runner.allocate(2, 20)
+    assert cache.length == CACHE and cache.buffers[0][0].shape == (2, CFG.num_key_value_heads, CACHE, CFG.head_dim)
+    runner.step(np.ones((2, 5), np.int64), np.tile(np.arange(5), (2, 1)), cache)
+    ctx = runner.context
+    for i, (k, v) in enumerate(cache.buffers):  # present is past: TensorRT writes the cache where it is
+        assert ctx.addresses[io.present_name(i, "key")] == ctx.addresses[io.past_name(i, "key")] == k.data_ptr()
+        assert ctx.addresses[io.present_name(i, "value")] == ctx.addresses[io.past_name(i, "value")] == v.data_ptr()
+    for position in (5, 6, 7):
+        runner.step(np.ones((2, 1), np.int64), np.full((2, 1), position), cache)
+    ordered_after_current(log)
+    calls = [e[0] for e in log]
+    first_decode = [i for i, e in enumerate(log) if e[0] == "execute_async_v3"][1]
+    setup = calls[calls.index("execute_async_v3") + 1 : first_decode]
+    assert setup.count("set_tensor_address") == 3 + 4 * CFG.num_hidden_layers  # once, for the decode shape
+    after = calls[first_decode + 1 :]
+    assert "set_tensor_address" not in after and "set_input_shape" not in after  # steps 2 and 3 only run
+    assert after.count("execute_async_v3") == 2
+    assert len(runner._bindings) == 1  # one decode binding, reused
+
+
+def test_inplace_engine_sizes_and_contract(make_runner):
+    from deploy.runners.base import CacheSizeError
+    from deploy.runners.trt_runner import TrtInplaceRunner
+
+    runner, _ = make_runner(TrtInplaceRunner)
+    with pytest.raises(CacheSizeError, match=f"this engine was built for {CACHE}"):
+        runner.allocate(1, CACHE + 1)
+    with pytest.raises(TrtRunnerError, match="an engine of the inplace KV cache contract, given to a dynamic runner"):
+        make_runner(TrtRunner, kv_cache="inplace")
