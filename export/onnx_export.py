@@ -9,8 +9,9 @@ How, and why this way:
 3. Weight-only subgraphs the exporter leaves (`Transpose(W)` of a Linear, `1 + w` of an RMSNorm) are
    folded here, lazily, keeping checkpoint names (`...q_proj.weight.T`, `...input_layernorm.weight.plus_one`).
    A tied `lm_head` keeps its `Transpose(embed_tokens)` node: one copy of the embedding on disk.
-4. `onnx_ir.save` pulls each weight from the source (HF safetensors or the seeded random model) as it
-   writes the external data file: peak memory is about one tensor.
+4. Each weight is pulled from the source (HF safetensors or the seeded random model) as the external data
+   file is written (export/write.py: the next weight is prepared on a second thread while this one is
+   written and hashed): peak memory is about the largest tensor, twice.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from export.manifest import build_manifest, write_manifest
 from export.model import Gemma2ForCausalLM, rope_inv_freq
 from export.replicate import prefix_config, replicate
 from export.weights import DTYPES, WeightSource, to_numpy
+from export.write import save_with_data
 
 DType = Literal["fp32", "fp16", "bf16"]
 MODEL_FILE = "model.onnx"
@@ -203,14 +205,11 @@ def export_onnx(
     graph_model = trace_graph(cfg, options)
     _attach_weights(graph_model.graph, source, DTYPES[options.dtype])
 
-    def callback(tensor: ir.TensorProtocol, info: object) -> None:
-        if on_tensor is not None:
-            on_tensor(tensor.name or "", tensor.nbytes)
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        ir.save(graph_model, tmp / MODEL_FILE, external_data=DATA_FILE, callback=callback)
-        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, stage="export", source=source.describe())
+        data_sha256 = save_with_data(graph_model, tmp / MODEL_FILE, DATA_FILE, on_tensor)
+        hashes = {DATA_FILE: data_sha256}
+        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, "export", hashes, source=source.describe())
         write_manifest(tmp, manifest)
     return ExportResult(out_dir / MODEL_FILE, out_dir / "manifest.json", manifest, time.perf_counter() - start)
 
