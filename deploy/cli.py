@@ -62,9 +62,25 @@ def cli() -> None:
 @opset_opt
 @seed_opt
 @click.option("--last-logits-only", is_flag=True, help="Logits only for the last position: [batch, 1, vocab].")
+@click.option(
+    "--quant",
+    type=click.Choice(["int8", "int4", "fp8"]),
+    help="Weight-only quantization of the linear projections (fp8: TensorRT, SM 89+). Implies opset >= 21.",
+)
+@click.option("--quant-block", type=int, default=32, show_default=True, help="int4/int8: input rows per scale.")
+@click.option("--quant-head/--no-quant-head", default=True, show_default=True, help="Quantize the LM head too.")
 @_one_line_errors
 def export_cmd(
-    checkpoint: Path | None, out: Path, preset: str, dtype: str, opset: int, seed: int, last_logits_only: bool
+    checkpoint: Path | None,
+    out: Path,
+    preset: str,
+    dtype: str,
+    opset: int,
+    seed: int,
+    last_logits_only: bool,
+    quant: str | None,
+    quant_block: int,
+    quant_head: bool,
 ) -> None:
     """Export CHECKPOINT_DIR (a HF Gemma 2 directory), or a seeded random model, to OUT/model.onnx."""
     from deploy import console as ui
@@ -73,8 +89,13 @@ def export_cmd(
     from export.weights import open_weights
 
     source = open_weights(checkpoint, preset, seed)
-    options = ExportOptions(dtype=dtype, opset=opset, last_logits_only=last_logits_only)  # type: ignore[arg-type]
-    with ui.weight_progress(weight_bytes(source.config, dtype), "export") as advance:
+    options = ExportOptions(dtype, opset, last_logits_only, quant=quant, quant_block=quant_block, quant_head=quant_head)  # type: ignore[arg-type]  # click.Choice
+    total = weight_bytes(source.config, dtype)
+    if quant:
+        from export.quantize import QuantSpec, saved_bytes
+
+        total -= saved_bytes(source.config, QuantSpec(quant, quant_block, quant_head), 4 if dtype == "fp32" else 2)  # type: ignore[arg-type]
+    with ui.weight_progress(total, "export") as advance:
         result = export_onnx(source, out, options, advance)
     cfg = source.config
     m = result.manifest
@@ -87,13 +108,20 @@ def export_cmd(
             f"{cfg.num_key_value_heads} / {cfg.head_dim}",
         ),
         ("parameters", f"{cfg.num_params / 1e6:.1f} M"),
-        ("dtype / opset", f"{dtype} / {opset}"),
+        ("dtype / opset", f"{dtype} / {m['opset']}"),
+        *([("quantization", _describe_quant(m["quantization"]))] if "quantization" in m else []),
         ("logits", "last position only" if last_logits_only else "every position"),
         ("inputs / outputs", f"{len(m['io']['inputs'])} / {len(m['io']['outputs'])}"),
         ("files", ", ".join(f"{k} ({ui.human_bytes((out / k).stat().st_size)})" for k in m["sha256"])),
         ("time", f"{result.seconds:.1f} s"),
     ]
     ui.out.print(ui.table("g2trt export", ["", ""], rows))
+
+
+def _describe_quant(q: dict[str, Any]) -> str:
+    block = f"block {q['block_size']}" if q["block_size"] else "per output channel"
+    head = "head too" if q["head"] else "head float"
+    return f"{q['scheme']} weight-only, {q['projections']} projections, {block}, {q['scale_dtype']} scales, {head}"
 
 
 @cli.command("pipeline")

@@ -35,6 +35,7 @@ from export.config import SLIDING, Gemma2Config
 from export.errors import G2trtError
 from export.manifest import build_manifest, write_manifest
 from export.model import Gemma2ForCausalLM, rope_inv_freq
+from export.quantize import QuantSpec, Scheme, check_spec, quantize_graph
 from export.weights import DTYPES, WeightSource, to_numpy
 
 DType = Literal["fp32", "fp16", "bf16"]
@@ -57,6 +58,9 @@ class ExportOptions:
     opset: int = 18
     last_logits_only: bool = False  # prefill emits logits [B, 1, V]: generation reads nothing else
     naive_fp16: bool = False  # fp16 residual stream, as HF runs it; only to show why it overflows
+    quant: Scheme | None = None  # weight-only int8 / int4 / fp8 of the linear projections (export/quantize.py)
+    quant_block: int = 32  # int4 / int8: input rows per scale
+    quant_head: bool = True  # quantize the LM head too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +158,15 @@ def export_onnx(
     """Export `source` (checkpoint or random model) to `out_dir/model.onnx` (+ `.data`, manifest)."""
     start = time.perf_counter()
     cfg = source.config
+    spec = QuantSpec(options.quant, options.quant_block, options.quant_head) if options.quant else None
+    if spec is not None:
+        check_spec(cfg, spec)  # before tracing: bad settings fail in a second
     graph_model = trace_graph(cfg, options)
     _attach_weights(graph_model.graph, source, DTYPES[options.dtype])
+    quantization = None
+    if spec is not None:  # also raises the opset to 21 (DequantizeLinear's block_size)
+        quantization = quantize_graph(graph_model.graph, cfg, spec)
+        options = dataclasses.replace(options, opset=graph_model.graph.opset_imports[""])
 
     def callback(tensor: ir.TensorProtocol, info: object) -> None:
         if on_tensor is not None:
@@ -164,7 +175,8 @@ def export_onnx(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         ir.save(graph_model, tmp / MODEL_FILE, external_data=DATA_FILE, callback=callback)
-        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, stage="export", source=source.describe())
+        extra = {"quantization": quantization} if quantization else {}
+        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, stage="export", source=source.describe(), **extra)
         write_manifest(tmp, manifest)
     return ExportResult(out_dir / MODEL_FILE, out_dir / "manifest.json", manifest, time.perf_counter() - start)
 
