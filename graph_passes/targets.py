@@ -7,6 +7,8 @@ it lowers the fused nodes to what its runtime runs fastest.
 
 from __future__ import annotations
 
+from typing import Any
+
 from graph_passes import (
     expand_attention,
     expand_rmsnorm,
@@ -63,11 +65,27 @@ TARGETS: dict[str, tuple[Pass, ...]] = {
 
 PASSES: dict[str, Pass] = {p.name: p for passes in TARGETS.values() for p in passes}
 
+# Passes a quantized export (export/quantize.py: weights behind DequantizeLinear) does not run:
+# - fuse_parallel_matmuls: ONNX's Concat takes no int4, and concatenated int8 weights were measured
+#   slower, not faster, as one MatMulNBits (gate/up) or within noise (q/k/v): benchmarks/quant/parallel_matmuls.md.
+#   onnxruntime fuses each DQ -> MatMul into its own MatMulNBits instead.
+# - lower_tied_head_ort, when the head is quantized: the head reads its own quantized [hidden, vocab]
+#   copy, not Transpose(embedding), so there is no transposed float copy left to avoid.
+SKIPPED_WHEN_QUANTIZED: dict[str, tuple[Pass, ...]] = {
+    "weights": (fuse_parallel_matmuls.PASS,),
+    "head": (lower_tied_head_ort.PASS,),
+}
 
-def passes_for(target: str) -> tuple[Pass, ...]:
+
+def passes_for(target: str, quantization: dict[str, Any] | None = None) -> tuple[Pass, ...]:
+    """`target`'s passes; for a quantized export (the manifest's `quantization`), without those it skips."""
     from graph_passes.errors import OptimizeError
 
     try:
-        return TARGETS[target]
+        passes = TARGETS[target]
     except KeyError:
         raise OptimizeError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}") from None
+    if not quantization:
+        return passes
+    skipped = SKIPPED_WHEN_QUANTIZED["weights"] + (SKIPPED_WHEN_QUANTIZED["head"] if quantization.get("head") else ())
+    return tuple(p for p in passes if p not in skipped)
