@@ -447,13 +447,21 @@ def optimize_cmd(model: Path, target: str, out: Path, debug: bool) -> None:
 @click.option(
     "--max-len", type=click.IntRange(16), default=512, show_default=True, help="Cap on the 'longer than window' prompt."
 )
+@click.option(
+    "--tokens",
+    type=click.IntRange(2),
+    default=512,
+    show_default=True,
+    help="Quantized graphs: length of the teacher-forced token sequence.",
+)
 @_one_line_errors
-def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
-    """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
+def verify_cmd(model: Path, checkpoint: Path | None, max_len: int, tokens: int) -> None:
+    """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model; for quantized graphs
+    also teacher-forced top-1 agreement and mean KL divergence."""
     from deploy import console as ui
     from deploy.verify.model import verify_model
 
-    v = verify_model(model, checkpoint, max_len=max_len)
+    v = verify_model(model, checkpoint, max_len=max_len, quality_tokens=tokens)
     rows = [(d.case, d.step, d.max_abs_diff, d.ref_max_abs) for d in v.report.diffs]
     ui.out.print(
         ui.table(
@@ -463,6 +471,19 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int) -> None:
         )
     )
     verdict = "ok" if v.ok else "FAIL"
+    if v.quality is not None:
+        q = v.quality
+        ui.out.print(
+            ui.table(
+                f"{v.scheme} weights, teacher-forced over {q.tokens} tokens (random weights are a weak signal)",
+                ["top-1 agreement", "mean KL (nats)", "max |Δlogit|", "mean |Δlogit|"],
+                [(f"{q.top1_agreement:.2%}", ui.fmt(q.mean_kl), ui.fmt(q.max_abs_diff), ui.fmt(q.mean_abs_diff))],
+            )
+        )
+        ui.out.print(f"{verdict}: top-1 agreement {q.top1_agreement:.2%} (bound {v.bound:.0%} for {v.scheme})")
+        if not v.ok:
+            raise G2trtError(f"{v.model}: top-1 agreement {q.top1_agreement:.2%} is below {v.bound:.0%}")
+        return
     ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)} (bound {v.bound:g})")
     if not v.ok:
         raise G2trtError(f"{v.model}: max |logit diff| {v.report.worst:.3g} exceeds {v.bound:g}")
