@@ -10,6 +10,8 @@ How, and why this way:
    A tied `lm_head` keeps its `Transpose(embed_tokens)` node: one copy of the embedding on disk.
 4. `onnx_ir.save` pulls each weight from the source (HF safetensors or the seeded random model) as it
    writes the external data file: peak memory is about one tensor.
+5. With `quant`, export/quantize.py puts the projections' weights behind DequantizeLinear first; their
+   codes are computed from those same lazy weights as they are written.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ gets its own quantized [hidden, vocab] copy; the embedding lookup keeps the floa
 embedding scale, soft-caps and attention are untouched.
 
 Rounding: symmetric round-to-nearest (RTN), one scale per block of `block_size` input rows
-(`amax / qmax`, qmax 7 or 127; codes in [-qmax-1, qmax]), computed in fp32 and rounded against the scale
+(`amax / qmax`, qmax 7 or 127; codes in [-qmax, qmax]), computed in fp32 and rounded against the scale
 as stored, so the graph dequantizes exactly what was measured. fp8: `amax / 448` per output column.
 
 Streaming: every quantized initializer is an `ir.LazyTensor` that reads its float weight through the
@@ -142,7 +142,7 @@ def quantize_blocks(w: np.ndarray, spec: QuantSpec, scale_dtype: Any) -> tuple[n
     blocks = w.astype(np.float32, copy=False).reshape(k // b, b, n)
     scale = _stored_scale(np.abs(blocks).max(axis=1) / info.qmax, scale_dtype)  # [K/b, N]
     ref = scale.astype(np.float32)[:, None, :]
-    codes = np.clip(np.rint(blocks / ref), -info.qmax - 1, info.qmax).astype(np.int8)
+    codes = np.clip(np.rint(blocks / ref), -info.qmax, info.qmax).astype(np.int8)
     return codes.reshape(k, n), scale
 
 
