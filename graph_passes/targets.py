@@ -66,8 +66,9 @@ TARGETS: dict[str, tuple[Pass, ...]] = {
 PASSES: dict[str, Pass] = {p.name: p for passes in TARGETS.values() for p in passes}
 
 # Passes a quantized export (export/quantize.py: weights behind DequantizeLinear) does not run:
-# - fuse_parallel_matmuls: ONNX's Concat takes no int4, and concatenated int8 weights were measured
-#   slower, not faster, as one MatMulNBits (gate/up) or within noise (q/k/v): benchmarks/quant/parallel_matmuls.md.
+# - fuse_parallel_matmuls: ONNX's Concat takes no int4, and for int8 one MatMulNBits on the concatenated
+#   weights saved at most 1.5 µs per layer (medium q/k/v) and nothing on gate/up or the 2B shapes
+#   (benchmarks/quant/parallel_matmuls.md).
 #   onnxruntime fuses each DQ -> MatMul into its own MatMulNBits instead.
 # - lower_tied_head_ort, when the head is quantized: the head reads its own quantized [hidden, vocab]
 #   copy, not Transpose(embedding), so there is no transposed float copy left to avoid.
