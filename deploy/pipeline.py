@@ -7,6 +7,7 @@ Layout under the output directory:
     trt/ ort/ trt-native/   one folder per graph-pass target (model, manifest, passes.txt/json)
     engine/       model.engine + model.engine.json (TensorRT-RTX, ahead of time)
     bench/        bench.json / bench.md / bench.png
+    triton/       the Triton repository: standard-backend model + generation model (served, queried, stopped)
     pipeline.json every stage's row, as the table shows them
 
 Every graph is verified against the same fp32 PyTorch model of the same weights; a verification over
@@ -29,6 +30,7 @@ from deploy.verify.model import Verification, VerifyError, verify_model
 from export.atomic import atomic_file
 from export.checkpoint import weight_bytes
 from export.errors import G2trtError
+from export.io_contract import KvCache
 from export.onnx_export import DType, ExportOptions, export_onnx
 from export.weights import load_model, open_weights
 
@@ -46,10 +48,12 @@ class PipelineOptions:
     preset: str = "tiny"
     seed: int = 0
     dtype: DType = "fp32"
-    opset: int = 18
+    opset: int | None = None  # None: the contract's default (18 dynamic, 24 in-place)
+    kv_cache: KvCache = "inplace"  # the runtime default; "dynamic" exports Optimum/genai's I/O
     sm: int = 89  # TensorRT-RTX target compute capability of the engine
     bench: bool = True
-    verify_max_len: int = 512  # cap on the "longer than window" case (real windows are 4096)
+    serve: bool = True  # package, serve (real Triton server), query and stop
+    verify_max_len: int | None = None  # cap on the "longer than window" prompt; None: window + 9 (crosses it)
 
 
 @dataclasses.dataclass
@@ -74,8 +78,12 @@ def _timed(stage: str, fn: Callable[[], tuple[str, str, dict[str, Any]]]) -> Sta
 def _verified(v: Verification) -> tuple[str, str, dict[str, Any]]:
     r = v.report
     verdict = "ok" if v.ok else "FAIL"
-    text = f"{verdict}: max|Δlogit| prefill {ui.fmt(r.prefill)}, decode {ui.fmt(r.decode)} (bound {v.bound:g})"
-    return text, str(v.model), {"prefill": r.prefill, "decode": r.decode, "bound": v.bound, "ok": v.ok}
+    text = (
+        f"{verdict}: max|Δlogit| prefill {ui.fmt(r.prefill)}, decode {ui.fmt(r.decode)}; "
+        f"{ui.fmt(v.measured)} vs bound {v.bound}; {v.coverage()}"
+    )
+    details = {"prefill": r.prefill, "decode": r.decode, "measured": v.measured, "bound": str(v.bound), "ok": v.ok}
+    return text, str(v.model), details | {"longest_prompt": v.longest, "crosses_window": v.crosses_window}
 
 
 def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: PipelineOptions) -> list[StageRow]:
@@ -84,7 +92,8 @@ def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: Pipeli
     rows: list[StageRow] = []
 
     with ui.weight_progress(weight_bytes(source.config, options.dtype), "export") as advance:
-        exported = export_onnx(source, out / "onnx", ExportOptions(dtype=options.dtype, opset=options.opset), advance)
+        export_options = ExportOptions(dtype=options.dtype, opset=options.opset, kv_cache=options.kv_cache)
+        exported = export_onnx(source, out / "onnx", export_options, advance)
     size = sum(p.stat().st_size for p in (out / "onnx").glob("model.onnx*"))
     rows.append(StageRow("export", f"ok: {ui.human_bytes(size)}", exported.seconds, str(exported.model_path)))
 
@@ -125,6 +134,11 @@ def run_pipeline(checkpoint: str | Path | None, out: str | Path, options: Pipeli
             _timed("bench", lambda: _bench(checkpoint, out, options, exported.model_path, optimized.get("ort")))
         )
 
+    if options.serve:
+        served = optimized.get("ort", exported.model_path)
+        with ui.status("serving the model from a Triton Inference Server"):
+            rows.append(_timed("serve", lambda: _serve(served, out / "triton", checkpoint, options.dtype)))
+
     with atomic_file(out / "pipeline.json") as tmp:
         tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
     return rows
@@ -152,7 +166,14 @@ def _bench(
     from deploy.bench.run import BenchSettings, run
 
     settings = BenchSettings(
-        batches=(1,), prompts=(32,), new_tokens=8, warmup=1, repeats=3, dtype=options.dtype, seed=options.seed
+        batches=(1,),
+        prompts=(32,),
+        new_tokens=8,
+        warmup=1,
+        repeats=3,
+        dtype=options.dtype,
+        seed=options.seed,
+        kv_cache=options.kv_cache,
     )
     result, paths = run(
         checkpoint,
@@ -167,6 +188,17 @@ def _bench(
     others = [f"{b.backend} {b.status}" for b in result.backends if b.status != "ok"]
     text = f"ok: {', '.join(ran)} measured" + (f"; {', '.join(others)} (reasons above)" if others else "")
     return text, str(out / "bench"), {"backends": {b.backend: b.status for b in result.backends}}
+
+
+def _serve(model: Path, repo: Path, checkpoint: str | Path | None, dtype: str) -> tuple[str, str, dict[str, Any]]:
+    """Package `model`, serve it, stream a greedy generation and compare it with g2trt generate's, stop."""
+    if dtype == "bf16":
+        return "skipped: onnxruntime's CPU provider has no bf16 kernels to serve the bf16 export", str(repo), {}
+    from deploy.generate.tokenizer import find_tokenizer
+    from deploy.serve.smoke import package_serve_query
+
+    r = package_serve_query(model, repo, tokenizer=find_tokenizer(checkpoint) if checkpoint else None)
+    return f"{r.status}: {r.text}", str(repo), r.details
 
 
 def check(rows: list[StageRow], out: Path) -> None:

@@ -183,8 +183,28 @@ def preset(name: str) -> Gemma2Config:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
 
 
+# What `transformers.Gemma2Config` takes for a key config.json leaves out (tests/export/test_config.py pins
+# these against transformers itself), so a config.json builds the model transformers builds from it.
+HF_DEFAULTS: dict[str, Any] = {
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+
+
 def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> Gemma2Config:
-    """Build a config from HF `config.json` contents; errors name `source` and the bad key."""
+    """Build a config from HF `config.json` contents; errors name `source` and the bad key. Keys it may
+    leave out take transformers' defaults (HF_DEFAULTS)."""
     model_type = raw.get("model_type")
     if model_type != "gemma2":
         raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'gemma2'")
@@ -194,31 +214,34 @@ def config_from_hf_dict(raw: dict[str, Any], source: str = "config.json") -> Gem
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"{source}: rope type {rope.get('rope_type')!r} unsupported (only 'default')")
+
+    def get(key: str) -> Any:
+        return raw[key] if raw.get(key) is not None else HF_DEFAULTS[key]
+
     try:
         layers = int(raw["num_hidden_layers"])
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        head_dim = int(raw.get("head_dim") or hidden // heads)
-        eos = raw.get("eos_token_id", 1)
+        eos = get("eos_token_id")
         return Gemma2Config(
             vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
+            hidden_size=int(raw["hidden_size"]),
             intermediate_size=int(raw["intermediate_size"]),
             num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=head_dim,
-            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
-            sliding_window=int(raw.get("sliding_window") or 4096),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            num_key_value_heads=int(get("num_key_value_heads")),
+            head_dim=int(get("head_dim")),
+            query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+            sliding_window=int(get("sliding_window")),
             layer_types=tuple(raw.get("layer_types") or alternating_layer_types(layers)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-            attn_logit_softcapping=_opt_float(raw.get("attn_logit_softcapping", 50.0)),
-            final_logit_softcapping=_opt_float(raw.get("final_logit_softcapping", 30.0)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 8192)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            pad_token_id=int(raw.get("pad_token_id") or 0),
-            bos_token_id=int(raw.get("bos_token_id") or 2),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta"))),
+            attn_logit_softcapping=_opt_float(raw.get("attn_logit_softcapping", HF_DEFAULTS["attn_logit_softcapping"])),
+            final_logit_softcapping=_opt_float(
+                raw.get("final_logit_softcapping", HF_DEFAULTS["final_logit_softcapping"])
+            ),
+            max_position_embeddings=int(get("max_position_embeddings")),
+            tie_word_embeddings=bool(get("tie_word_embeddings")),
+            pad_token_id=int(get("pad_token_id")),
+            bos_token_id=int(get("bos_token_id")),
             eos_token_id=tuple(eos) if isinstance(eos, list) else (int(eos),),
         )
     except KeyError as e:

@@ -12,18 +12,24 @@ Precision: norms, soft-caps and softmax always compute in fp32. With fp16 weight
 also stays fp32 (Gemma's residual exceeds fp16's 65504 in real checkpoints); with bf16 it stays bf16,
 as in HF. Logits are always fp32.
 
-KV cache: each layer takes `past [B, KV, P_l, Dh]` and returns `present = cat(past, new)`. The mask of a
-layer is built from *its own* past length and the last `P_l + S` columns of `attention_mask`, so a
-runner may keep only the last `sliding_window - 1` entries of a sliding layer's cache and still use
-this same graph.
+KV cache, two contracts (export.io_contract):
+- dynamic (`forward`): each layer takes `past [B, KV, P_l, Dh]` and returns `present = cat(past, new)`.
+  The mask of a layer is built from *its own* past length and the last `P_l + S` columns of
+  `attention_mask`, so a runner may keep only the last `sliding_window - 1` entries of a sliding layer.
+- inplace (`forward_inplace`): fixed-size buffers written at each token's position and masked by the
+  positions their slots hold (export.kv_cache has the rules); no cache is copied or grown.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from export import kv_cache
 from export.config import GLOBAL, SLIDING, Gemma2Config
 
 KV = tuple[Tensor, Tensor]
@@ -102,6 +108,32 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, 
     return torch.matmul(probs, repeat_kv(v, n_rep))
 
 
+def grouped_attention(
+    q: Tensor, keys: tuple[Tensor, ...], values: tuple[Tensor, ...], bias: Tensor, scale: float, cap: float | None
+) -> Tensor:
+    """`attention_core` over key/value blocks side by side, GQA by grouping queries (no cache is copied).
+
+    q [B, H, S, Dh]; keys[i], values[i] [B, KV, T_i, Dh]; bias [B, 1, S, sum T_i] -> [B, H, S, Dh]. The
+    H = KV * R query heads are reshaped to [B, KV, R * S, Dh] so each KV head is read once (repeat_kv
+    would materialize R copies of the cache every step); the softmax spans all blocks.
+    """
+    b, h, s, d = q.shape
+    kv = keys[0].shape[1]
+    qg = q.reshape(b, kv, -1, d)  # [B, KV, R*S, Dh]
+    scores = torch.cat([torch.matmul(qg, k.transpose(2, 3)) for k in keys], dim=-1)  # [B, KV, R*S, T]
+    scores = scores.reshape(b, h, s, -1).float() * scale
+    if cap is not None:
+        scores = softcap(scores, cap)
+    probs = torch.softmax(scores + bias, dim=-1).to(values[0].dtype).reshape(b, kv, -1, scores.shape[-1])
+    out, start = None, 0
+    for v in values:
+        part = torch.matmul(probs[..., start : start + v.shape[2]], v)  # [B, KV, R*S, Dh]
+        out = part if out is None else out + part
+        start += v.shape[2]
+    assert out is not None
+    return out.reshape(b, h, s, d)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in fp32 scaled by `(1 + weight)`; returns fp32 whatever the input dtype."""
 
@@ -125,19 +157,41 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past: KV) -> tuple[Tensor, KV]:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, S, Dh], k and v [B, KV, S, Dh], RoPE applied to q and k."""
         cfg = self.cfg
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.k_proj(x).view(b, s, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)  # [B, KV, S, Dh]
+        q = self.q_proj(x).view(b, s, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def output(self, out: Tensor) -> Tensor:
+        b, _, s, _ = out.shape  # [B, H, S, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.cfg.num_attention_heads * self.cfg.head_dim))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past: KV) -> tuple[Tensor, KV]:
+        cfg = self.cfg
+        q, k, v = self.project(x, cos, sin)
         k = torch.cat((past[0], k), dim=2)  # [B, KV, P+S, Dh]
         v = torch.cat((past[1], v), dim=2)
         out = attention_core(q, k, v, bias, cfg.attn_scale, cfg.attn_logit_softcapping)  # [B, H, S, Dh]
-        out = out.transpose(1, 2).reshape(b, s, cfg.num_attention_heads * cfg.head_dim)
-        return self.o_proj(out), (k, v)
+        return self.output(out), (k, v)
+
+    def forward_inplace(
+        self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, bias: Tensor, cache: KV
+    ) -> tuple[Tensor, KV]:
+        """The in-place contract (export.kv_cache): write this step's keys, then attend.
+
+        `bias` [B, 1, S, C] (global) or [B, 1, S, C + S] (sliding: ring, then this step's own keys).
+        """
+        cfg = self.cfg
+        q, k, v = self.project(x, cos, sin)
+        present = (kv_cache.write(cache[0], k, pos), kv_cache.write(cache[1], v, pos))
+        blocks = (present, (k, v)) if self.window else (present,)
+        keys, values = tuple(kv[0] for kv in blocks), tuple(kv[1] for kv in blocks)
+        out = grouped_attention(q, keys, values, bias, cfg.attn_scale, cfg.attn_logit_softcapping)
+        return self.output(out), present
 
 
 class MLP(nn.Module):
@@ -165,8 +219,17 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, past: KV) -> tuple[Tensor, KV]:
-        cdt, rdt = cos.dtype, h.dtype  # compute dtype (weights), residual dtype
-        a, present = self.self_attn(self.input_layernorm(h).to(cdt), cos, sin, bias, past)
+        return self.sandwich(h, cos.dtype, lambda x: self.self_attn(x, cos, sin, bias, past))
+
+    def forward_inplace(
+        self, h: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, bias: Tensor, cache: KV
+    ) -> tuple[Tensor, KV]:
+        return self.sandwich(h, cos.dtype, lambda x: self.self_attn.forward_inplace(x, cos, sin, pos, bias, cache))
+
+    def sandwich(self, h: Tensor, cdt: torch.dtype, attend: Callable[[Tensor], tuple[Tensor, KV]]) -> tuple[Tensor, KV]:
+        """`h + post_attn_norm(attn(input_norm(h)))`, then the same around the MLP; `cdt`: weights' dtype."""
+        rdt = h.dtype  # residual dtype
+        a, present = attend(self.input_layernorm(h).to(cdt))
         h = h + self.post_attention_layernorm(a).to(rdt)
         m = self.mlp(self.pre_feedforward_layernorm(h).to(cdt))
         h = h + self.post_feedforward_layernorm(m).to(rdt)
@@ -221,16 +284,30 @@ class Gemma2ForCausalLM(nn.Module):
         z = torch.zeros(shape, dtype=self.dtype, device=device)
         return [(z, z) for _ in range(cfg.num_hidden_layers)]
 
+    def empty_cache(
+        self, batch: int, length: int, ring: int | None = None, device: torch.device | str = "cpu"
+    ) -> list[KV]:
+        """In-place contract buffers: `length` slots for global layers, `ring` (default `length`) for sliding."""
+        cfg = self.config
+        out = []
+        for kind in cfg.layer_types:
+            slots = length if kind == GLOBAL or ring is None else ring
+            shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+            out.append(
+                (
+                    torch.zeros(shape, dtype=self.dtype, device=device),
+                    torch.zeros(shape, dtype=self.dtype, device=device),
+                )
+            )
+        return out
+
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[KV]
     ) -> tuple[Tensor, list[KV]]:
-        cfg, cdt = self.config, self.dtype
-        rdt = self.residual_dtype or (torch.float32 if cdt == torch.float16 else cdt)
+        """The dynamic contract: presents are `cat(past, new)`."""
+        cfg = self.config
         seq = input_ids.shape[1]
-        emb = self.model.embed_tokens.weight
-        scale = torch.tensor(cfg.embed_scale, dtype=cdt).to(rdt)  # HF rounds sqrt(hidden) to the weight dtype
-        h = F.embedding(input_ids, emb).to(rdt) * scale  # [B, S, D]
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, cdt)
+        h, cos, sin = self.embed(input_ids, position_ids)
 
         # One bias per layer type, from the first such layer's own past length (see module docstring).
         biases: dict[str, Tensor] = {}
@@ -242,15 +319,50 @@ class Gemma2ForCausalLM(nn.Module):
         for layer, kind, kv in zip(self.model.layers, cfg.layer_types, past, strict=True):
             h, present = layer(h, cos, sin, biases[kind], kv)
             presents.append(present)
+        return self.logits(h), presents
 
+    def forward_inplace(self, input_ids: Tensor, position_ids: Tensor, cache: list[KV]) -> tuple[Tensor, list[KV]]:
+        """The in-place contract (export.kv_cache): `cache[i]` is written at this step's positions and returned.
+
+        Padding is marked by negative positions; there is no attention_mask.
+        """
+        cfg = self.config
+        h, cos, sin = self.embed(input_ids, position_ids)
+
+        # One bias per layer type, from the first such layer's buffer length (layers of a kind share it).
+        biases: dict[str, Tensor] = {}
+        for kind, window, (ck, _) in zip(cfg.layer_types, cfg.windows, cache, strict=True):
+            if kind not in biases:
+                keys = kv_cache.key_positions(position_ids, ck.shape[2], window)
+                biases[kind] = kv_cache.position_bias(position_ids, keys, window)
+
+        presents: list[KV] = []
+        layers = cast(list[DecoderLayer], list(self.model.layers))
+        for layer, kind, kv in zip(layers, cfg.layer_types, cache, strict=True):
+            h, present = layer.forward_inplace(h, cos, sin, position_ids, biases[kind], kv)
+            presents.append(present)
+        return self.logits(h), presents
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual stream's start `[B, S, D]` and the RoPE tables."""
+        cfg, cdt = self.config, self.dtype
+        rdt = self.residual_dtype or (torch.float32 if cdt == torch.float16 else cdt)
+        scale = torch.tensor(cfg.embed_scale, dtype=cdt).to(rdt)  # HF rounds sqrt(hidden) to the weight dtype
+        h = F.embedding(input_ids, self.model.embed_tokens.weight).to(rdt) * scale  # [B, S, D]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, cdt)
+        return h, cos, sin
+
+    def logits(self, h: Tensor) -> Tensor:
+        """fp32 logits [B, S or 1, V] of the final residual stream."""
+        cfg = self.config
         if self.last_logits_only:
             h = h[:, -1:, :]
-        x = self.model.norm(h).to(cdt)
-        head = emb if self.lm_head is None else self.lm_head.weight
+        x = self.model.norm(h).to(self.dtype)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head).float()  # [B, S, V]
         if cfg.final_logit_softcapping is not None:
             logits = softcap(logits, cfg.final_logit_softcapping)
-        return logits, presents
+        return logits
 
 
 __all__ = [
@@ -259,6 +371,7 @@ __all__ = [
     "Gemma2ForCausalLM",
     "attention_bias",
     "attention_core",
+    "grouped_attention",
     "repeat_kv",
     "rms_normalize",
     "rope_cos_sin",

@@ -33,8 +33,9 @@ from torch.export import Dim
 
 from export import io_contract as io
 from export.atomic import atomic_dir
-from export.config import SLIDING, Gemma2Config
+from export.config import GLOBAL, SLIDING, Gemma2Config
 from export.errors import G2trtError
+from export.kv_cache import onnx_kv_write
 from export.manifest import build_manifest, write_manifest
 from export.model import Gemma2ForCausalLM, rope_inv_freq
 from export.quantize import QuantSpec, Scheme, check_spec, quantize_graph
@@ -54,15 +55,29 @@ class ExportError(G2trtError, RuntimeError):
     """The exporter produced a graph g2trt cannot stand behind."""
 
 
+INPLACE_OPSET = 24  # ONNX TensorScatter, the in-place cache write
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     dtype: DType = "fp32"
-    opset: int = 18
+    opset: int | None = None  # None: 18 for the dynamic contract, 24 (TensorScatter) for the in-place one
     last_logits_only: bool = False  # prefill emits logits [B, 1, V]: generation reads nothing else
     naive_fp16: bool = False  # fp16 residual stream, as HF runs it; only to show why it overflows
+    kv_cache: io.KvCache = "dynamic"  # export.io_contract: "inplace" writes fixed-size buffers in place
     quant: Scheme | None = None  # weight-only int8 / int4 / fp8 of the linear projections (export/quantize.py)
     quant_block: int = 32  # int4 / int8: input rows per scale
     quant_head: bool = True  # quantize the LM head too
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in io.KV_CACHES:
+            raise ExportError(f"--kv-cache {self.kv_cache!r}: choose {' or '.join(io.KV_CACHES)}")
+        if self.opset is None:
+            object.__setattr__(self, "opset", INPLACE_OPSET if self.kv_cache == "inplace" else 18)
+        elif self.kv_cache == "inplace" and self.opset < INPLACE_OPSET:
+            raise ExportError(
+                f"--opset {self.opset}: the in-place KV cache needs opset >= {INPLACE_OPSET} (ONNX TensorScatter)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,39 +101,55 @@ class _FlatSignature(nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
+class _FlatInplaceSignature(_FlatSignature):
+    """The in-place contract's signature: no attention_mask, cache buffers in place of the past."""
+
+    def forward(self, input_ids, position_ids, *cache_flat):  # type: ignore[no-untyped-def]
+        cache = [(cache_flat[2 * i], cache_flat[2 * i + 1]) for i in range(len(cache_flat) // 2)]
+        logits, presents = self.m.forward_inplace(input_ids, position_ids, cache)
+        return (logits, *[t for kv in presents for t in kv])
+
+
 def trace_graph(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
     """The optimized ONNX graph of `cfg`, its weight initializers left as placeholders (no data)."""
     dtype = DTYPES[options.dtype]
     residual = torch.float16 if options.naive_fp16 else None
+    inplace = options.kv_cache == "inplace"
     with torch.device("meta"):
         model = Gemma2ForCausalLM(cfg, options.last_logits_only, residual).cast(dtype).eval()
-        b, s, p = 2, 3, 5  # distinct sizes so no dimension is specialized
-        args = (
-            torch.zeros(b, s, dtype=torch.int64),
-            torch.ones(b, p + s, dtype=torch.int64),
-            torch.zeros(b, s, dtype=torch.int64),
-            *[
-                torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, dtype=dtype)
-                for _ in range(2 * cfg.num_hidden_layers)
-            ],
-        )
-    batch, seq, total = Dim(io.BATCH), Dim(io.SEQ), Dim(io.TOTAL)
-    past, sliding_past = Dim(io.PAST), Dim(io.SLIDING_PAST)
-    past_shapes = tuple(
-        {0: batch, 2: sliding_past if kind == SLIDING else past} for kind in cfg.layer_types for _ in range(2)
-    )
-    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, past_shapes)
+        b, s = 2, 3  # distinct sizes so no dimension is specialized
+        lengths = {SLIDING: 7, GLOBAL: 11} if inplace else {SLIDING: 5, GLOBAL: 5}
+        ids = torch.zeros(b, s, dtype=torch.int64)
+        cache = [
+            torch.zeros(b, cfg.num_key_value_heads, lengths[kind], cfg.head_dim, dtype=dtype)
+            for kind in cfg.layer_types
+            for _ in range(2)
+        ]
+    batch, seq = Dim(io.BATCH), Dim(io.SEQ)
+    if inplace:
+        cache_dims = {SLIDING: Dim(io.SLIDING_CACHE), GLOBAL: Dim(io.CACHE)}
+        module: nn.Module = _FlatInplaceSignature(model)
+        args: tuple[torch.Tensor, ...] = (ids, ids.clone(), *cache)  # distinct tensors: export would alias them
+        head: tuple[dict, ...] = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    else:
+        cache_dims = {SLIDING: Dim(io.SLIDING_PAST), GLOBAL: Dim(io.PAST)}
+        module = _FlatSignature(model)
+        mask = torch.ones(b, lengths[GLOBAL] + s, dtype=torch.int64, device="meta")
+        args = (ids, mask, ids.clone(), *cache)
+        head = ({0: batch, 1: seq}, {0: batch, 1: Dim(io.TOTAL)}, {0: batch, 1: seq})
+    cache_shapes = tuple({0: batch, 2: cache_dims[kind]} for kind in cfg.layer_types for _ in range(2))
     with warnings.catch_warnings(), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _FlatSignature(model),
+            module,
             args,
             dynamo=True,
             optimize=False,
             opset_version=options.opset,
-            input_names=io.input_names(cfg),
+            input_names=io.input_names(cfg, options.kv_cache),
             output_names=io.output_names(cfg),
-            dynamic_shapes=dynamic_shapes,
+            dynamic_shapes=(*head, cache_shapes),
+            custom_translation_table=onnx_kv_write() if inplace else None,
             verbose=False,
         )
     if program is None:  # only the TorchScript exporter with a file target returns None

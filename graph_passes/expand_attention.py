@@ -10,6 +10,12 @@
 Unlike the export, GQA is a reshape of the queries, not an Expand of the cache: the KV cache is read
 once per KV head, not once per query head (R times less memory traffic in decode). The mask is built
 once per (window, cache-length) group of layers, as the model builds one bias per layer type.
+
+`SlidingWindowAttentionInplace` (the in-place KV cache) becomes graph_passes/inplace_ops.py's linear
+form: TensorScatter(mode=linear), which TensorRT parses into its KV-cache update layer (in place, a
+static cache length, linear writes only), then the same grouped attention over the whole buffer, masked
+by slot position. Linear writes cannot wrap, so a trt-native graph needs full-length sliding buffers
+(its manifest says so: kv_cache_sliding = "full").
 """
 
 from __future__ import annotations
@@ -18,17 +24,29 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from export.config import Gemma2Config
-from graph_passes import primitives
+from graph_passes import inplace_ops, primitives
 from graph_passes.driver import Pass, Site
 from graph_passes.graph import PassGraph
 from graph_passes.match import Reject
 from trt_plugins.attention import SPEC
+from trt_plugins.attention_inplace import SPEC as INPLACE
 
 
 def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
     if node.domain != SPEC.domain:
         raise Reject(f"{node.name} is not in domain {SPEC.domain}")
     return Site(None, [node], node)
+
+
+def rewrite_inplace(g: PassGraph, node: gs.Node) -> None:
+    a = INPLACE.parse(node.attrs)
+    query, key, value, past_key, past_value, pos = node.inputs
+    out, present_k, present_v = node.outputs
+    g.detach(node)
+    inplace_ops.write(g, "linear", past_key, key, pos, present_k, node)
+    inplace_ops.write(g, "linear", past_value, value, pos, present_v, node)
+    bias = inplace_ops.bias(g, "linear", pos, past_key, int(a["window"]), node)
+    inplace_ops.attention(g, query, [present_k], [present_v], bias, a, out, node)
 
 
 def group_key(past_key: gs.Tensor, window: int) -> tuple:
@@ -39,6 +57,9 @@ def group_key(past_key: gs.Tensor, window: int) -> tuple:
 
 def rewrite(g: PassGraph, site: Site) -> None:
     node: gs.Node = site.data
+    if node.op == INPLACE.name:
+        rewrite_inplace(g, node)
+        return
     a = SPEC.parse(node.attrs)
     h, kv, d = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"])
     query, key, value, past_key, past_value, mask = node.inputs
@@ -72,5 +93,5 @@ def rewrite(g: PassGraph, site: Site) -> None:
     g.node("Reshape", [o, shape(0, h, -1, d)], [out], like=node)
 
 
-PASS = Pass(name="expand_attention", anchors=(SPEC.name,), match=match, rewrite=rewrite, doc=__doc__ or "")
+PASS = Pass(name="expand_attention", anchors=(SPEC.name, INPLACE.name), match=match, rewrite=rewrite, doc=__doc__ or "")
 run = PASS.__call__

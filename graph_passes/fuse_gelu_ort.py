@@ -5,6 +5,8 @@
        └───────────────────────────────────────────────────────────────────── Mul ─> y
     ─>  x ─ FastGelu ─> y          y = 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
 
+    Gelu(approximate="tanh")  ─>  FastGelu          (what the exporter writes at opset >= 20)
+
 Gemma 2's MLP activation (`gelu_pytorch_tanh`), as dynamo decomposes `F.gelu(approximate="tanh")`.
 Constants may sit on either side of each binary op; the Mul(0.5) may come before or after the Mul(x).
 onnxruntime's CPU kernel evaluates the same formula in one pass over the [B, S, intermediate] tensor.
@@ -47,6 +49,12 @@ def _near(a: float, b: float) -> bool:
 
 
 def match(g: PassGraph, tanh: gs.Node, config: Gemma2Config | None) -> Site:
+    if tanh.op == "Gelu":
+        approximate = tanh.attrs.get("approximate", "none")
+        if approximate != "tanh":
+            raise Reject(f"{tanh.name} is the exact GELU (approximate={approximate!r}), Gemma 2's is tanh")
+        layer = g.layer_of(tanh)
+        return Site(None if layer is None else f"layer {layer}", [tanh], Gelu(tanh.inputs[0], tanh.outputs[0], tanh))
     scale_mul = producer(tanh.inputs[0], "Mul")
     k, inner = _const_operand(scale_mul, "√(2/π)")
     if not _near(k, _SQRT_2_OVER_PI):
@@ -88,7 +96,7 @@ def match(g: PassGraph, tanh: gs.Node, config: Gemma2Config | None) -> Site:
 def rewrite(g: PassGraph, site: Site) -> None:
     gelu: Gelu = site.data
     g.detach(gelu.last)
-    g.node("FastGelu", [gelu.x], [gelu.out], like=site.nodes[4], domain=MS_DOMAIN)
+    g.node("FastGelu", [gelu.x], [gelu.out], like=site.nodes[min(4, len(site.nodes) - 1)], domain=MS_DOMAIN)
 
 
 def _label(g: PassGraph, tanh: gs.Node) -> str | None:
@@ -98,7 +106,7 @@ def _label(g: PassGraph, tanh: gs.Node) -> str | None:
 
 PASS = Pass(
     name="fuse_gelu_ort",
-    anchors=("Tanh",),
+    anchors=("Tanh", "Gelu"),
     match=match,
     rewrite=rewrite,
     expected=labels.expected_layers,  # one MLP per layer

@@ -12,6 +12,10 @@
     ─>  SlidingWindowAttention(query, key, value, past_key, past_value, attention_mask)
             -> (out, present_key, present_value)   attrs: num_heads, kv_heads, head_dim, scale, softcap, window
 
+The in-place KV cache contract's core (TensorScatter cache writes, grouped-query score blocks, masks
+from position_ids) becomes `SlidingWindowAttentionInplace(query, key, value, past_key, past_value,
+position_ids)` with the same attributes; its pattern is drawn in graph_passes/match_inplace_attention.py.
+
 The bracketed GQA head expansion is absent when kv_heads == num_heads. The node takes the raw
 `attention_mask` input; the per-layer-type bias subgraph dies with the sites. The window is read from
 the bias subgraph (`Greater(k_idx, q_idx - w)`), never from a layer index, and must agree with the
@@ -29,7 +33,7 @@ import onnx_graphsurgeon as gs
 
 from export import io_contract as io
 from export.config import Gemma2Config
-from graph_passes import labels
+from graph_passes import labels, match_inplace_attention
 from graph_passes.driver import Pass, Site
 from graph_passes.graph import PassGraph
 from graph_passes.match import (
@@ -45,7 +49,9 @@ from graph_passes.match import (
     scalar,
 )
 from trt_plugins.attention import SPEC
+from trt_plugins.attention_inplace import SPEC as INPLACE
 from trt_plugins.softcap import SPEC as SOFTCAP
+from trt_plugins.spec import PluginSpec
 
 _SCORE_OPS = ("Mul", "Div", "Tanh", "Cast", SOFTCAP.name)
 _MASK_SEARCH_LIMIT = 200  # nodes visited upward from the bias; the export's mask subgraph has ~25
@@ -53,10 +59,11 @@ _MASK_SEARCH_LIMIT = 200  # nodes visited upward from the bias; the export's mas
 
 @dataclasses.dataclass(frozen=True)
 class Attention:
-    inputs: list[gs.Tensor]  # query, key, value, past_key, past_value, attention_mask
+    inputs: list[gs.Tensor]  # query, key, value, past_key, past_value, attention_mask | position_ids
     outputs: list[gs.Tensor]  # out, present_key, present_value
     attrs: dict
     detach: list[gs.Node]
+    spec: PluginSpec = SPEC
 
 
 def match(g: PassGraph, softmax: gs.Node, config: Gemma2Config | None) -> Site:
@@ -66,6 +73,8 @@ def match(g: PassGraph, softmax: gs.Node, config: Gemma2Config | None) -> Site:
     capped, bias = _split_scores_bias(add)
     cap, scaled, cap_nodes = _softcap(capped)
     scale, qk, scale_nodes = _scale(scaled)
+    if maybe_producer(qk, "Reshape") is not None:  # the in-place contract's grouped score blocks
+        return _match_inplace(g, softmax, add, bias, qk, [*cap_nodes, *scale_nodes], scale, cap, config)
     mm = producer(qk, "MatMul")
     query, k_t = mm.inputs
     tr = producer(k_t, "Transpose")
@@ -107,6 +116,36 @@ def match(g: PassGraph, softmax: gs.Node, config: Gemma2Config | None) -> Site:
         detach=[mm2, cat_k, cat_v],
     )
     return Site(None if layer is None else f"layer {layer}", [*interior, cat_k, cat_v], data)
+
+
+def _match_inplace(
+    g: PassGraph,
+    softmax: gs.Node,
+    add: gs.Node,
+    bias: gs.Tensor,
+    scores: gs.Tensor,
+    chain: list[gs.Node],
+    scale: float,
+    cap: float,
+    config: Gemma2Config | None,
+) -> Site:
+    inputs, outputs, interior, detach = match_inplace_attention.match(scores, softmax)
+    positions = match_inplace_attention.position_input(g.graph)
+    query, present_k = inputs[0], outputs[1]
+    heads, kv_heads, head_dim = _dims(query, present_k, config)
+    window = _window(bias, positions)
+    layer = labels.cache_layer(present_k, outputs[2], inputs[3], inputs[4])
+    if layer is None:
+        layer = g.layer_of(softmax)
+    if config is not None:
+        _check_config(config, layer, window, scale, cap)
+    site_nodes = [*interior, *chain, add, softmax]
+    check_private(site_nodes, allowed_external=outputs)
+    attrs = INPLACE.attributes(
+        num_heads=heads, kv_heads=kv_heads, head_dim=head_dim, scale=scale, softcap=cap, window=window
+    )
+    data = Attention([*inputs, positions], outputs, attrs, detach, INPLACE)
+    return Site(None if layer is None else f"layer {layer}", site_nodes, data)
 
 
 def _split_scores_bias(add: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
@@ -188,7 +227,8 @@ def _dims(query: gs.Tensor, present_k: gs.Tensor, config: Gemma2Config | None) -
 
 
 def _window(bias: gs.Tensor, mask: gs.Tensor) -> int:
-    """The sliding window of the mask subgraph behind `bias` (0 = global); it must read attention_mask."""
+    """The sliding window of the mask subgraph behind `bias` (0 = global); it must read `mask`
+    (attention_mask, or position_ids in the in-place contract)."""
     seen: set[int] = set()
     todo = deque([bias])
     reached_mask, windows = False, set()
@@ -243,7 +283,7 @@ def rewrite(g: PassGraph, site: Site) -> None:
     a: Attention = site.data
     softmax = next(n for n in site.nodes if n.op == "Softmax")
     g.detach(*a.detach)
-    g.node(SPEC.name, a.inputs, a.outputs, like=softmax, domain=SPEC.domain, **a.attrs)
+    g.node(a.spec.name, a.inputs, a.outputs, like=softmax, domain=a.spec.domain, **a.attrs)
 
 
 def _label(g: PassGraph, softmax: gs.Node) -> str | None:

@@ -28,6 +28,13 @@ multi-token steps with a cache), and the padding goes in `attention_bias` [B, 1,
 model's, so a fully padded query row stays finite. onnxruntime applies the bias after the soft-cap
 and its window is exactly HF's (key > query - window) with `local_window_size = sliding_window`.
 
+CUDA form (`PASS_CUDA`, `g2trt optimize --target ort --provider cuda`): onnxruntime's CUDA kernel
+rejects `attention_bias` ("not supported in GroupQueryAttention cuda kernel") and reads none of the
+inputs after `total_sequence_length` that this lowering uses (`query_seqlens`), so its GQA gets only
+inputs 0-6 (`CUDA_GQA_INPUTS`). Without a bias GQA cannot mask left padding, so its If takes GQA only
+for one token of a batch without padding (`S == 1` and `ReduceMin(attention_mask) == 1`) and the
+standard-op core otherwise: exact for padded batches, fused for the common unpadded decode.
+
 Rotary: GQA's built-in rotary (`do_rotary`) reads positions from the cache slot (or, in a first
 prompt, only position_ids' first element), which is wrong for left-padded rows, so RoPE runs as
 RotaryEmbedding on the packed projection with the real `position_ids` (tables up to
@@ -43,16 +50,21 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from export.config import Gemma2Config
-from graph_passes import branches, expand_attention, primitives, rope
+from graph_passes import branches, expand_attention, inplace_ops, primitives, rope
 from graph_passes.driver import Pass, Site
 from graph_passes.graph import PassGraph
-from graph_passes.match import Reject, maybe_producer
+from graph_passes.match import Reject, const_array, maybe_producer
 from trt_plugins.attention import SPEC
+from trt_plugins.attention_inplace import SPEC as INPLACE
 
 GQA = "GroupQueryAttention"
 ROTARY = "RotaryEmbedding"
 MS_DOMAIN = "com.microsoft"
 IFS = "lower_attention_ort.ifs"  # memo: the If of each site, filled by finish()
+INNER_IFS = "lower_attention_ort.inner_ifs"  # memo: Ifs inside those (in-place: a first prompt's attention)
+# GroupQueryAttention inputs onnxruntime's CUDA kernel accepts here: query .. total_sequence_length (it
+# rejects attention_bias; cos/sin/position_ids are for do_rotary, which is off)
+CUDA_GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +83,19 @@ def match(g: PassGraph, node: gs.Node, config: Gemma2Config | None) -> Site:
 
 
 def rewrite(g: PassGraph, site: Site) -> None:
+    _rewrite(g, site, cuda=False)
+
+
+def rewrite_cuda(g: PassGraph, site: Site) -> None:
+    _rewrite(g, site, cuda=True)
+
+
+def _rewrite(g: PassGraph, site: Site, cuda: bool) -> None:
     low: Lowering = site.data
     node = low.node
+    if node.op == INPLACE.name:
+        rewrite_inplace(g, low)
+        return
     a = SPEC.parse(node.attrs)
     h, kv, d = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"])
     query, key, value, past_key, past_value, mask = node.inputs
@@ -85,6 +108,8 @@ def rewrite(g: PassGraph, site: Site) -> None:
     seqlens, total, qlens, bias = _aux(g, q3, past_key, mask, dtype, node)
     inputs = [q3, k3, v3, past_key, past_value, seqlens, total, None, None, None, bias]
     inputs += [None] * 5 + [qlens]  # head_sink, k_scale, v_scale, q_norm_weight, k_norm_weight, query_seqlens
+    if cuda:  # the unused bias and query lengths are dropped by the driver's cleanup
+        inputs = inputs[: len(CUDA_GQA_INPUTS)]
     o3 = _packed_output(g, out, h, d)
     result = o3 if o3 is not None else g.variable(f"{node.name}/attn_out", dtype)
     gqa = [g.variable(f"{node.name}/gqa_{n}", dtype) for n in ("out", "present_key", "present_value")]
@@ -102,12 +127,186 @@ def rewrite(g: PassGraph, site: Site) -> None:
         do_rotary=0,
     )
     full = _decomposed(g, node, [q3, k3, v3, past_key, past_value, mask], h, kv, d, dtype)
-    g.memo.setdefault(IFS, []).append(
-        branches.make_if(g, _multi_token(g, q3, node), full, gqa, [result, present_k, present_v], like=node)
-    )
+    cond = _multi_token_or_padded(g, q3, mask, node) if cuda else _multi_token(g, q3, node)
+    g.memo.setdefault(IFS, []).append(branches.make_if(g, cond, full, gqa, [result, present_k, present_v], like=node))
     if o3 is None:  # no o_proj reshape to feed directly: back to [B, H, S, Dh]
         o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
         g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
+    """The in-place cache: If(one token on a buffer that holds positions unwrapped: GroupQueryAttention, which
+    rotates q/k itself and writes the shared buffer; else: RotaryEmbedding, the circular TensorScatter and
+    standard-op attention). Everything only the else branch needs (its rotary, masks, writes) is built per
+    site, so it moves into that branch and a decode step never runs it."""
+    node = low.node
+    a = INPLACE.parse(node.attrs)
+    h, kv, d, window = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"]), int(a["window"])
+    query, key, value, past_key, past_value, pos = node.inputs
+    out, present_k, present_v = node.outputs
+    g.detach(node)
+    dtype = primitives.dtype_of(query) or np.dtype(np.float32)
+    sources = _rope_sources(g, query, key, h, kv, d, low.max_positions)
+    v3 = _packed(g, value, kv, d, None, node)
+    seqlens, total = _inplace_lengths(g, pos, node)
+    o3 = _packed_output(g, out, h, d)
+    result = o3 if o3 is not None else g.variable(f"{node.name}/attn_out", dtype)
+    gqa = [g.variable(f"{node.name}/gqa_{n}", dtype) for n in ("out", "present_key", "present_value")]
+    attrs = {
+        "num_heads": h,
+        "kv_num_heads": kv,
+        "scale": float(a["scale"]),
+        "softcap": float(a["softcap"]),
+        "local_window_size": window or -1,
+    }
+    if sources is not None:  # GQA rotates the raw projections itself, at each row's position (seqlens_k)
+        q_lin, k_lin, (cos, sin) = sources
+        packed = _packed_qkv(q_lin, k_lin, v3, h, kv, d)
+        qkv = [packed, None, None] if packed is not None else [q_lin, k_lin, v3]
+        inputs = [*qkv, past_key, past_value, seqlens, total, cos, sin]
+        g.node(GQA, inputs, gqa, like=node, domain=MS_DOMAIN, do_rotary=1, rotary_interleaved=0, **attrs)
+        rope_pos = _rope_positions(g, pos, node)
+        q3 = g.op(ROTARY, [q_lin, rope_pos, cos, sin], like=node, domain=MS_DOMAIN, dtype=dtype, interleaved=0)
+        k3 = g.op(ROTARY, [k_lin, rope_pos, cos, sin], like=node, domain=MS_DOMAIN, dtype=dtype, interleaved=0)
+    else:  # no recognisable RoPE: rotate as the graph does, for both branches
+        q3, k3 = _packed(g, query, h, d, None, node), _packed(g, key, kv, d, None, node)
+        g.node(GQA, [q3, k3, v3, past_key, past_value, seqlens, total], gqa, like=node, domain=MS_DOMAIN, **attrs)
+    q4, k4, v4 = (_heads(g, t, n, d, dtype, node) for t, n in ((q3, h), (k3, kv), (v3, kv)))
+    full = [g.variable(f"{node.name}/full_{n}", dtype) for n in ("present_key", "present_value")]
+    inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node, shared=False)
+    inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node, shared=False)
+    out3 = _prompt_attention(g, node, a, q4, k4, v4, full, pos, past_key, dtype)
+    cond = _gqa_step(g, pos, past_key, node)
+    g.memo.setdefault(IFS, []).append(
+        branches.make_if(g, cond, gqa, [out3, *full], [result, present_k, present_v], like=node)
+    )
+    if o3 is None:
+        o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
+        g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def _prompt_attention(
+    g: PassGraph,
+    node: gs.Node,
+    a: dict,
+    q4: gs.Tensor,
+    k4: gs.Tensor,
+    v4: gs.Tensor,
+    present: list[gs.Variable],
+    pos: gs.Tensor,
+    past_key: gs.Tensor,
+    dtype: np.dtype,
+) -> gs.Tensor:
+    """The standard-op attention of a multi-token step, [B, S, H*Dh]: If(no row continues a sequence:
+    this step's own keys alone, S of them, as the dynamic contract computes a first prompt; else: the
+    written buffer (global) or the ring's older entries plus the step's keys (sliding))."""
+    h, d, window = int(a["num_heads"]), int(a["head_dim"]), int(a["window"])
+
+    def packed(out4: gs.Tensor) -> gs.Tensor:
+        bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
+        return g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
+
+    fresh_out = g.variable(f"{node.name}/fresh_out4", dtype)
+    bias = inplace_ops.bias(g, "fresh", pos, past_key, window, node, shared=False)
+    inplace_ops.attention(g, q4, [k4], [v4], bias, a, fresh_out, node)
+    general_out = g.variable(f"{node.name}/general_out4", dtype)
+    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node, shared=False)
+    blocks = ([present[0], k4], [present[1], v4]) if window else ([present[0]], [present[1]])
+    inplace_ops.attention(g, q4, blocks[0], blocks[1], bias, a, general_out, node)
+    i64 = np.int64
+    first = g.op("Slice", [pos, g.constant("start", [0], i64), g.constant("end", [1], i64),
+                           g.constant("axis1", [1], i64)], like=node, dtype=i64)  # fmt: skip
+    top = g.op("ReduceMax", [first], like=node, dtype=i64, keepdims=0)
+    fresh = g.op("LessOrEqual", [top, g.constant("zero", np.array(0, i64))], like=node, dtype=np.bool_, shape=[])
+    out3 = g.variable(f"{node.name}/prompt_out", dtype)
+    g.memo.setdefault(INNER_IFS, []).append(
+        branches.make_if(g, fresh, [packed(fresh_out)], [packed(general_out)], [out3], like=node)
+    )
+    return out3
+
+
+def _rope_sources(
+    g: PassGraph, query: gs.Tensor, key: gs.Tensor, h: int, kv: int, d: int, max_positions: int | None
+) -> tuple[gs.Tensor, gs.Tensor, tuple[gs.Tensor, gs.Tensor]] | None:
+    """(q before RoPE [B, S, H*Dh], k before RoPE, the cos/sin tables) when both follow the export's RoPE."""
+    if max_positions is None:
+        return None
+    try:
+        rq, rk = rope.match(query, h, d), rope.match(key, kv, d)
+    except Reject:
+        return None
+    if not np.array_equal(rq.inv_freq, rk.inv_freq):
+        return None
+    table_key = ("rope", rq.inv_freq.tobytes(), rq.dtype.str, max_positions)
+    if table_key not in g.memo:
+        cos, sin = rope.tables(rq.inv_freq, max_positions, rq.dtype)
+        g.memo[table_key] = (g.constant("rope_cos_cache", cos), g.constant("rope_sin_cache", sin))
+    return rq.linear, rk.linear, g.memo[table_key]
+
+
+def _packed_qkv(q: gs.Tensor, k: gs.Tensor, v: gs.Tensor, h: int, kv: int, d: int) -> gs.Tensor | None:
+    """The one [B, S, (H + 2 KV) Dh] projection q, k, v are split from (fuse_parallel_matmuls), if they are."""
+    split = maybe_producer(q, "Split")
+    if (
+        split is None
+        or len(split.outputs) != 3
+        or [t is o for t, o in zip((q, k, v), split.outputs, strict=True)] != [True] * 3
+    ):
+        return None
+    if int(split.attrs.get("axis", 0)) not in (-1, 2) or len(split.inputs) < 2:
+        return None
+    sizes = const_array(split.inputs[1])
+    if sizes is None or [int(x) for x in sizes.reshape(-1)] != [h * d, kv * d, kv * d]:
+        return None
+    return split.inputs[0]
+
+
+def _heads(g: PassGraph, t: gs.Tensor, n: int, d: int, dtype: np.dtype, like: gs.Node) -> gs.Tensor:
+    """[B, S, n*Dh] -> [B, n, S, Dh]."""
+    bsnd = g.op("Reshape", [t, g.constant("shape", np.array([0, 0, n, d], np.int64))], like=like, dtype=dtype)
+    return g.op("Transpose", [bsnd], like=like, dtype=dtype, perm=[0, 2, 1, 3])
+
+
+def _rope_positions(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """position_ids with padding (negative) clamped to 0: RotaryEmbedding indexes its tables with them,
+    and what padding rotates to is never attended."""
+    if "rope_positions" not in g.memo:
+        g.memo["rope_positions"] = g.op(
+            "Max", [pos, g.constant("zero", np.array(0, np.int64))], like=like, dtype=np.int64
+        )
+    return g.memo["rope_positions"]
+
+
+def _inplace_lengths(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
+    """GroupQueryAttention's seqlens_k (each row's last position: one token, the rest of the row before
+    it) and total_sequence_length (the longest row), for the shared buffer."""
+    if "gqa_inplace_lengths" not in g.memo:
+        i64, i32 = np.int64, np.int32
+        last = g.op("Slice", [pos, g.constant("start", [-1], i64), g.constant("i64max", [primitives.I64_MAX], i64),
+                              g.constant("axis1", [1], i64)], like=like, dtype=i64)  # fmt: skip
+        flat = g.op("Reshape", [last, g.constant("shape_flat", [-1], i64)], like=like, dtype=i64)
+        top = g.op("ReduceMax", [flat], like=like, dtype=i64, keepdims=0)
+        total = g.op("Add", [top, g.constant("one", np.array(1, i64))], like=like, dtype=i64)
+        g.memo["gqa_inplace_lengths"] = (primitives.cast(g, flat, i32, like), primitives.cast(g, total, i32, like))
+    return g.memo["gqa_inplace_lengths"]
+
+
+def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """`S == 1 and C > max(position)`: a one-token step whose positions index this buffer unwrapped (every
+    global buffer; a sliding buffer only when the runtime gave it the full length), as GQA writes them.
+    S is read from position_ids, so the condition needs nothing the branches compute."""
+    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
+    key = ("gqa_step", length if isinstance(length, (str, int)) else past.name)
+    if key not in g.memo:
+        i64 = np.int64
+        seq = primitives.dim(g, pos, 1, like)
+        one_token = g.op("Equal", [seq, g.constant("one", [1], i64)], like=like, dtype=np.bool_)
+        top = g.op("ReduceMax", [pos], like=like, dtype=i64, keepdims=0)
+        fits = g.op("Greater", [primitives.scalar_of(g, primitives.dim(g, past, 2, like), like), top], like=like,
+                    dtype=np.bool_)  # fmt: skip
+        both = g.op("And", [one_token, fits], like=like, dtype=np.bool_)
+        g.memo[key] = g.op("Squeeze", [both, g.constant("axis0", [0], i64)], like=like, dtype=np.bool_, shape=[])
+    return g.memo[key]
 
 
 def _decomposed(
@@ -145,12 +344,33 @@ def _multi_token(g: PassGraph, packed_q: gs.Tensor, like: gs.Node) -> gs.Tensor:
     return g.memo["multi_token"]
 
 
+def _multi_token_or_padded(g: PassGraph, packed_q: gs.Tensor, mask: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """`S > 1 or min(attention_mask) == 0`, computed once: the CUDA form's condition for the standard ops."""
+    key = ("multi_token_or_padded", mask.name)
+    if key not in g.memo:
+        lowest = g.op("ReduceMin", [mask], like=like, dtype=np.int64, keepdims=0)  # every axis: a scalar
+        padded = g.op("Equal", [lowest, g.constant("zero", np.array(0, np.int64))], like=like, dtype=np.bool_)
+        multi = _multi_token(g, packed_q, like)
+        g.memo[key] = g.op("Or", [multi, padded], like=like, dtype=np.bool_)
+    return g.memo[key]
+
+
 def finish(g: PassGraph) -> None:
+    branches.move_into_branches(g, g.memo.get(INNER_IFS, []))  # nested in the outer Ifs' prompt branches
     branches.move_into_branches(g, g.memo.get(IFS, []))
 
 
-def _packed(g: PassGraph, t: gs.Tensor, heads: int, d: int, max_positions: int | None, like: gs.Node) -> gs.Tensor:
-    """`t` [B, N, S, Dh] as [B, S, N*Dh]: the projection itself when possible (RoPE re-done by RotaryEmbedding)."""
+def _packed(
+    g: PassGraph,
+    t: gs.Tensor,
+    heads: int,
+    d: int,
+    max_positions: int | None,
+    like: gs.Node,
+    positions: gs.Tensor | None = None,
+) -> gs.Tensor:
+    """`t` [B, N, S, Dh] as [B, S, N*Dh]: the projection itself when possible (RoPE re-done by RotaryEmbedding,
+    at `positions` if given, else the graph's own position_ids)."""
     if max_positions is not None:
         try:
             r = rope.match(t, heads, d)
@@ -164,7 +384,7 @@ def _packed(g: PassGraph, t: gs.Tensor, heads: int, d: int, max_positions: int |
             cos_c, sin_c = g.memo[key]
             return g.op(
                 ROTARY,
-                [r.linear, r.position_ids, cos_c, sin_c],
+                [r.linear, r.position_ids if positions is None else positions, cos_c, sin_c],
                 like=like,
                 domain=MS_DOMAIN,
                 dtype=t.dtype,
@@ -228,6 +448,13 @@ def _aux(
 
 
 PASS = Pass(
-    name="lower_attention_ort", anchors=(SPEC.name,), match=match, rewrite=rewrite, finish=finish, doc=__doc__ or ""
+    name="lower_attention_ort",
+    anchors=(SPEC.name, INPLACE.name),
+    match=match,
+    rewrite=rewrite,
+    finish=finish,
+    doc=__doc__ or "",
 )
+# the same lowering for onnxruntime's CUDA provider (see "CUDA form" above); the pass report names it apart
+PASS_CUDA = dataclasses.replace(PASS, name="lower_attention_ort_cuda", rewrite=rewrite_cuda)
 run = PASS.__call__

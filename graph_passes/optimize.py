@@ -1,9 +1,10 @@
 """`optimize(model, target, out)`: an exported g2trt model -> the graph one runtime runs fastest.
 
 Writes OUT/model.onnx (the weights file is hard-linked, or copied across filesystems: passes never
-touch weights), OUT/manifest.json (stage "optimize", the target, the pass summary, the export's
-source), and the pass report as OUT/passes.txt and OUT/passes.json. A pass that matches fewer sites
-than the model's config implies is an error naming the missing layers (and why each was rejected).
+touch weights), OUT/manifest.json (stage "optimize", the target, for `ort` the execution provider it
+was lowered for, what it requires of its runtime, the pass summary, the export's source), and the
+pass report as OUT/passes.txt and OUT/passes.json. A pass that matches fewer sites than the model's
+config implies is an error naming the missing layers (and why each was rejected).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from graph_passes.driver import Pass
 from graph_passes.errors import OptimizeError, SiteCountError
 from graph_passes.graph import INTERNAL_DOMAIN, PassGraph, all_nodes
 from graph_passes.report import OptimizeReport, PassReport, op_counts
-from graph_passes.targets import TARGETS, passes_for
+from graph_passes.targets import REQUIRES, SLIDING_BUFFERS, TARGETS, passes_for
 from trt_plugins.spec import DOMAIN as PLUGIN_DOMAIN
 
 MODEL_FILE = "model.onnx"
@@ -36,10 +37,12 @@ def optimize(
     target: str,
     out_dir: str | Path,
     *,
+    provider: str = "cpu",
     passes: Sequence[Pass] | None = None,
     debug: bool = False,
 ) -> OptimizeReport:
-    """Run `target`'s passes (or `passes`) on `model_path` (an export with its manifest) into `out_dir`."""
+    """Run `target`'s passes (or `passes`) on `model_path` (an export with its manifest) into `out_dir`;
+    `provider` ("cpu" | "cuda") picks the `ort` target's form for that onnxruntime execution provider."""
     start = time.perf_counter()
     model_path = _model_file(Path(model_path))
     manifest = read_manifest(model_path)
@@ -51,7 +54,7 @@ def optimize(
     if target == "ort" and passes is None:
         _check_ort_input(model_path, manifest.get("dtype"), quantization)
     cfg = manifest_config(manifest)
-    chosen = tuple(passes) if passes is not None else passes_for(target, quantization)
+    chosen = tuple(passes) if passes is not None else passes_for(target, provider, quantization)
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
@@ -82,7 +85,13 @@ def optimize(
             "passes": [{"name": p.name, "sites": p.count, "expected": _n(p.expected)} for p in reports],
             **({"quantization": quantization} if quantization else {}),
         }
+        if target == "ort":
+            extra["provider"] = provider
+        if (target, provider) in REQUIRES:
+            extra["requires"] = REQUIRES[(target, provider)]
         options = manifest.get("options") or {"dtype": manifest.get("dtype"), "opset": manifest.get("opset")}
+        if options.get("kv_cache") == "inplace" and passes is None:
+            extra["kv_cache_sliding"] = SLIDING_BUFFERS[target]
         write_manifest(tmp, build_manifest(cfg, tmp / MODEL_FILE, options, stage="optimize", **extra))
         (tmp / REPORT_JSON).write_text(report.dumps())
         (tmp / REPORT_TEXT).write_text(report.text())

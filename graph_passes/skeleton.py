@@ -51,7 +51,7 @@ def reports(
     quantization = {"head": options.quant_head} if options.quant else None
     out = {}
     for target in TARGETS:
-        optimized, reps = optimize_proto(proto, passes_for(target, quantization), cfg, target)
+        optimized, reps = optimize_proto(proto, passes_for(target, quantization=quantization), cfg, target)
         out[target] = (len(all_nodes(proto.graph)), len(all_nodes(optimized.graph)), reps)
     return out
 

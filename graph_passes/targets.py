@@ -65,6 +65,28 @@ TARGETS: dict[str, tuple[Pass, ...]] = {
 
 PASSES: dict[str, Pass] = {p.name: p for passes in TARGETS.values() for p in passes}
 
+# The onnxruntime execution provider an `ort` graph is lowered for (recorded in its manifest; the runner
+# picks its providers by it). The CPU form's GroupQueryAttention masks left padding with attention_bias,
+# which onnxruntime's CUDA kernel rejects; the CUDA form passes GQA no input that kernel refuses.
+PROVIDERS = ("cpu", "cuda")
+PROVIDER_FORMS: dict[tuple[str, str], dict[str, Pass]] = {  # (target, provider): passes replaced, by name
+    ("ort", "cuda"): {lower_attention_ort.PASS.name: lower_attention_ort.PASS_CUDA},
+}
+# What a graph needs of its runtime, recorded in its manifest and checked when a runner loads it.
+REQUIRES: dict[tuple[str, str], dict[str, str]] = {
+    ("ort", "cpu"): {"onnxruntime": ">=1.32"},  # GroupQueryAttention's query_seqlens input (new in 1.32)
+    ("ort", "cuda"): {"onnxruntime": ">=1.31.1"},  # no query_seqlens; 1.31.1 is the newest onnxruntime-gpu
+}
+
+# In-place KV cache graphs: what each target needs of the sliding layers' buffers. "ring": any C >=
+# sliding_window (export/kv_cache.py); "full": the whole sequence, like a global layer's buffer.
+SLIDING_BUFFERS: dict[str, str] = {
+    "trt": "ring",  # the plugin writes slot position mod C
+    "ort": "ring",  # GroupQueryAttention cannot wrap: sliding layers decode through the standard-op branch
+    "trt-native": "full",  # TensorRT's KV-cache update is linear only
+}
+
+
 # Passes a quantized export (export/quantize.py: weights behind DequantizeLinear) does not run:
 # - fuse_parallel_matmuls: ONNX's Concat takes no int4, and for int8 one MatMulNBits on the concatenated
 #   weights saved at most 1.5 µs per layer (medium q/k/v) and nothing on gate/up or the 2B shapes
@@ -78,14 +100,21 @@ SKIPPED_WHEN_QUANTIZED: dict[str, tuple[Pass, ...]] = {
 }
 
 
-def passes_for(target: str, quantization: dict[str, Any] | None = None) -> tuple[Pass, ...]:
-    """`target`'s passes; for a quantized export (the manifest's `quantization`), without those it skips."""
+def passes_for(target: str, provider: str = "cpu", quantization: dict[str, Any] | None = None) -> tuple[Pass, ...]:
+    """`target`'s passes (in `provider`'s form); for a quantized export (the manifest's `quantization`),
+    without those SKIPPED_WHEN_QUANTIZED names."""
     from graph_passes.errors import OptimizeError
 
+    if provider not in PROVIDERS:
+        raise OptimizeError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     try:
         passes = TARGETS[target]
     except KeyError:
         raise OptimizeError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}") from None
+    if provider != "cpu" and target != "ort":
+        raise OptimizeError(f"--provider {provider} applies to the ort target only (target {target} has one form)")
+    swap = PROVIDER_FORMS.get((target, provider), {})
+    passes = tuple(swap.get(p.name, p) for p in passes)
     if not quantization:
         return passes
     skipped = SKIPPED_WHEN_QUANTIZED["weights"] + (SKIPPED_WHEN_QUANTIZED["head"] if quantization.get("head") else ())

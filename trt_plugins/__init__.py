@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from trt_plugins import attention, sandwich_rmsnorm, softcap
+from trt_plugins import attention, attention_inplace, sandwich_rmsnorm, softcap
 
-PLUGINS: dict[str, ModuleType] = {m.SPEC.name: m for m in (sandwich_rmsnorm, softcap, attention)}
+PLUGINS: dict[str, ModuleType] = {m.SPEC.name: m for m in (sandwich_rmsnorm, softcap, attention, attention_inplace)}

@@ -23,6 +23,7 @@ from typing import Any
 from export.atomic import atomic_dir
 from export.config import SLIDING, Gemma2Config, preset
 from export.errors import G2trtError
+from export.io_contract import KV_CACHES, KvCache
 from trt_plugins.kernels.common import Cdiv, KernelPlan, int_cdiv
 
 ARCHS = (80, 86, 89, 90)
@@ -38,6 +39,11 @@ DEFAULT_SHARED = 49152
 # Triton appends these pointer parameters after the kernel's own; with zero scratch sizes the kernel never
 # reads them, but a launcher must still pass one (null) pointer for each.
 HIDDEN_ARGS = ("global_scratch", "profile_scratch")
+# The attention plugin of each KV-cache contract (export/io_contract.py).
+ATTENTION_PLUGINS: dict[KvCache, str] = {
+    "dynamic": "SlidingWindowAttention",
+    "inplace": "SlidingWindowAttentionInplace",
+}
 
 
 class KernelCompileError(G2trtError):
@@ -213,9 +219,11 @@ def _compile(
     )
 
 
-def model_requests(cfg: Gemma2Config, dtype: str) -> list[KernelRequest]:
+def model_requests(cfg: Gemma2Config, dtype: str, kv_caches: Iterable[KvCache] = KV_CACHES) -> list[KernelRequest]:
     """The plugin instances a Gemma 2 export of `dtype` uses, with the dtypes `export/model.py` gives them:
-    fp32 logits into SoftCap; fp32 norm scales, and a fp32 residual stream under fp16 weights."""
+    fp32 logits into SoftCap; fp32 norm scales, and a fp32 residual stream under fp16 weights. Attention for
+    each KV-cache contract in `kv_caches` (default both: SlidingWindowAttention for `dynamic`,
+    SlidingWindowAttentionInplace for `inplace`)."""
     reqs = []
     if cfg.final_logit_softcapping:
         reqs.append(KernelRequest("SoftCap", "fp32", {"cap": cfg.final_logit_softcapping, "n_cols": cfg.vocab_size}))
@@ -231,12 +239,15 @@ def model_requests(cfg: Gemma2Config, dtype: str) -> list[KernelRequest]:
         "softcap": cfg.attn_logit_softcapping or 0.0,
     }
     windows = sorted({cfg.sliding_window if t == SLIDING else 0 for t in cfg.layer_types})
-    reqs += [KernelRequest("SlidingWindowAttention", dtype, {**attn, "window": w}) for w in windows]
+    for kv_cache in kv_caches:
+        plugin = ATTENTION_PLUGINS[kv_cache]
+        reqs += [KernelRequest(plugin, dtype, {**attn, "window": w}) for w in windows]
     return reqs
 
 
 def default_requests() -> list[KernelRequest]:
-    """Every distinct kernel Gemma 2 2b, 9b and 27b need, in fp32, fp16 and bf16 (head dims 256 and 128)."""
+    """Every distinct kernel Gemma 2 2b, 9b and 27b need, in fp32, fp16 and bf16 (head dims 256 and 128), for
+    both KV-cache contracts."""
     seen: dict[str, KernelRequest] = {}
     for name in ("2b", "9b", "27b"):
         for dtype in ("fp32", "fp16", "bf16"):

@@ -16,6 +16,12 @@ float attributes to 6 digits). The weights are not copied: the session reads the
 
     session = ort_ops.inference_session("trt/model.onnx", session_options)   # any g2trt graph
 
+In-place plugins (a module with `ALIASES`, output index -> input index: SlidingWindowAttentionInplace,
+whose presents are its pasts' memory): the reference writes its pasts, so the op hands it copies of them
+(onnxruntime-extensions 0.15 already passes the op copies of its inputs; the op does not rely on that) and
+returns the presents as new arrays, which onnxruntime writes into the present outputs, bound to the pasts'
+own buffers by the in-place runners. Verification only: that copy is what the TensorRT plugin avoids.
+
 Python ops run on numpy through the GIL: fine for verification, not for timing.
 """
 
@@ -37,7 +43,7 @@ from trt_plugins.spec import DOMAIN, PluginSpec
 
 CONTRIB = "ai.onnx.contrib"
 OP_PREFIX = "G2trt"
-_INT_INPUTS = {"attention_mask"}  # every other plugin input/output is floating point
+_INT_INPUTS = {"attention_mask", "position_ids"}  # every other plugin input/output is floating point
 _WIDENED = ("float16", "bfloat16")  # carried through fp32 (the Python op API has no fp16)
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ONNX_TYPES = {
@@ -77,11 +83,15 @@ def _declare(ext: Any, module: ModuleType) -> None:
     # floats travel as strings: the extension hands float attributes to Python rounded to 6 digits
     attrs = {a.name: dt.dt_int64 if a.type == "int" else dt.dt_string for a in spec.attrs} | {"dtypes": dt.dt_string}
 
+    written = set(getattr(module, "ALIASES", {}).values())  # inputs the reference writes (copied first)
+
     def compute(*arrays: np.ndarray, dtypes: str, **attributes: Any) -> tuple[np.ndarray, ...] | np.ndarray:
         in_types, out_types = (s.split(",") for s in dtypes.split("|"))
         tensors = [
-            torch.from_numpy(np.ascontiguousarray(a)).to(_TORCH[t]) if t in _TORCH else torch.from_numpy(a)
-            for a, t in zip(arrays, in_types, strict=True)
+            torch.from_numpy(np.array(a) if i in written else np.ascontiguousarray(a)).to(_TORCH[t])
+            if t in _TORCH
+            else torch.from_numpy(a)
+            for i, (a, t) in enumerate(zip(arrays, in_types, strict=True))
         ]
         values = spec.parse({k: float(v) if isinstance(v, str) else v for k, v in attributes.items()})
         result = module.reference(*tensors, **{a.name: values[a.name] for a in spec.attrs})

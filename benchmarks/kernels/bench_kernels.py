@@ -10,6 +10,10 @@ Timing: median of `triton.testing.do_bench_cudagraph` (a CUDA graph replay, as a
 kernels: no Python or launcher overhead, but inputs that fit in L2 stay there), or with `--timer events`
 `triton.testing.do_bench` (one launch per rep, L2 flushed before each, CPU launch overhead included). The
 Triton variant launches a prepared `KernelPlan` (what the plugin does), not `launch()` with its checks.
+Only the Triton variants are ever captured in a CUDA graph: the references, torch.compile and SDPA
+allocate and may synchronize with the host (the reference mask's pageable `.to(device)`), which a
+capture refuses, so they are always timed with events; each row records its timer. A variant that fails
+(out of memory, a refused capture) is a row with a note, not the end of the run.
 Bandwidth is the minimum bytes the op must move (inputs read once, outputs written once) over the median.
 
     python benchmarks/kernels/bench_kernels.py [--quick] [--compile] [--sweep] [--out benchmarks/kernels/results]
@@ -59,11 +63,22 @@ class Row:
     tflop_s: float | None = None
     max_abs_diff: float | None = None
     note: str = ""
+    timer: str = ""  # "cudagraph" or "events": how this variant is (or on a GPU would be) timed
 
 
-def timer(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median milliseconds of `fn`: replayed from a CUDA graph (no CPU launch overhead; L2 stays warm), or
-    with `--timer events` launched one by one with L2 flushed before each (CPU overhead included)."""
+def graph_safe(variant: str) -> bool:
+    """Whether a variant may be captured in a CUDA graph: only the Triton plan launches (no allocation, no
+    host synchronization); everything else is timed with events."""
+    return variant.startswith("triton")
+
+
+def timer_for(variant: str) -> str:
+    return "cudagraph" if ARGS.timer == "cudagraph" and graph_safe(variant) else "events"
+
+
+def timer(fn: Callable[[], object], warmup: int, reps: int, kind: str) -> float:
+    """Median milliseconds of `fn`: `kind` "cudagraph" replays it from a CUDA graph (no CPU launch overhead;
+    L2 stays warm), "events" launches it one by one with L2 flushed before each (CPU overhead included)."""
     if SMOKE:
         fn()
         t = time.perf_counter()
@@ -71,7 +86,7 @@ def timer(fn: Callable[[], object], warmup: int, reps: int) -> float:
         return (time.perf_counter() - t) * 1e3
     import triton.testing
 
-    if ARGS.timer == "cudagraph":
+    if kind == "cudagraph":
         return float(triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=reps, return_mode="median"))
 
@@ -98,13 +113,17 @@ def bench(
     for name, fn in variants.items():
         if fn is None:
             continue
+        kind = timer_for(name)
         try:
-            ms = timer(functools.partial(fn, *call[0], **call[1]), ARGS.warmup, ARGS.reps)
+            ms = timer(functools.partial(fn, *call[0], **call[1]), ARGS.warmup, ARGS.reps, kind)
         except torch.OutOfMemoryError:
-            rows.append(Row(op, case, name, None, None, note="out of memory"))
+            rows.append(Row(op, case, name, None, None, note="out of memory", timer=kind))
             torch.cuda.empty_cache()
             continue
-        rows.append(Row(op, case, name, ms, moved / ms / 1e6, flops / ms / 1e9 if flops else None))
+        except Exception as e:  # e.g. a capture the variant does not allow: a result, not the end of the run
+            rows.append(Row(op, case, name, None, None, note=f"{type(e).__name__}: {str(e)[:80]}", timer=kind))
+            continue
+        rows.append(Row(op, case, name, ms, moved / ms / 1e6, flops / ms / 1e9 if flops else None, timer=kind))
     return rows[start]
 
 
@@ -163,20 +182,22 @@ def norm_cases(rows: list[Row], dev: str) -> None:
                 first.max_abs_diff = max(diff(got[0], ref[0]), diff(got[1], ref[1]))
 
 
-def sdpa_baseline(q, k, v, pk, pv, mask, *, num_heads, kv_heads, head_dim, scale, softcap=0.0, window=0):
+def sdpa_baseline(q: torch.Tensor, mask: torch.Tensor, past: int, window: int) -> Callable:
     """torch's attention for the same shapes: cat for the presents, SDPA with the same boolean mask (GQA by
-    `enable_gqa`), no soft-cap. Flash kernels need no mask: the causal global prefill uses `is_causal`."""
-    present_k, present_v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
-    s, t = q.shape[2], present_k.shape[2]
-    if window == 0 and s == t and bool(mask.all()):
-        out = torch.nn.functional.scaled_dot_product_attention(q, present_k, present_v, is_causal=True, scale=scale,
-                                                               enable_gqa=True)  # fmt: skip
-    else:
-        allowed = attention_bias(mask, s, t, window) == 0
+    `enable_gqa`), no soft-cap. Flash kernels need no mask: the causal global prefill uses `is_causal`. The
+    mask and the causal choice are made here, before timing: the timed call never waits on the host."""
+    s, t = q.shape[2], past + q.shape[2]
+    causal = window == 0 and s == t and bool(mask.all())
+    allowed = None if causal else attention_bias(mask, s, t, window) == 0
+
+    def run(q, k, v, pk, pv, mask, *, num_heads, kv_heads, head_dim, scale, softcap=0.0, window=0):
+        present_k, present_v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, present_k, present_v, attn_mask=allowed, scale=scale, enable_gqa=True
+            q, present_k, present_v, attn_mask=allowed, is_causal=causal, scale=scale, enable_gqa=True
         )
-    return out, present_k, present_v
+        return out, present_k, present_v
+
+    return run
 
 
 def attention_flops(b: int, h: int, hd: int, s: int, p: int, window: int) -> int:
@@ -236,7 +257,7 @@ def attention_cases(rows: list[Row], dev: str) -> None:
         variants = {
             "triton (fused append)": run_plan,
             "reference (eager)": attention.reference if not note else None,
-            "torch SDPA + cat (no softcap)": sdpa_baseline,
+            "torch SDPA + cat (no softcap)": sdpa_baseline(q, mask, p, window),
         }
         first = bench(rows, "SlidingWindowAttention", case, variants, ((q, k, v, pk, pv, mask), attrs), moved, flops)
         first.max_abs_diff, first.note = err, note
@@ -248,17 +269,19 @@ def sweep(rows: list[Row], case: str, inputs, attrs, outputs, moved: int, flops:
     """Block configurations around the default, for tuning `default_blocks` on this GPU."""
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[inputs[0].dtype]
     tensor_dtypes = {n: dtype for n in attention.SPEC.inputs if n != "attention_mask"}
+    kind = timer_for("triton")
     for bm, bn, warps, stages in [(64, 16, 4, 1), (64, 32, 4, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2),
                                   (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)]:  # fmt: skip
+        name = f"triton sweep {bm}x{bn} w{warps} s{stages}"
         try:
             plan = k_attention.plan(dtype, **attrs, tensor_dtypes=tensor_dtypes, block_m=bm, block_n=bn,
                                     num_warps=warps, num_stages=stages)  # fmt: skip
-            ms = timer(functools.partial(plan.run, list(inputs), list(outputs)), ARGS.warmup, ARGS.reps)
-            rows.append(Row("SlidingWindowAttention", case, f"sweep {bm}x{bn} w{warps} s{stages}", ms,
-                            moved / ms / 1e6, flops / ms / 1e9))  # fmt: skip
+            ms = timer(functools.partial(plan.run, list(inputs), list(outputs)), ARGS.warmup, ARGS.reps, kind)
+            rows.append(Row("SlidingWindowAttention", case, name, ms, moved / ms / 1e6, flops / ms / 1e9,
+                            timer=kind))  # fmt: skip
         except Exception as e:  # a config that does not fit this GPU (shared memory) is a result, not a crash
-            rows.append(Row("SlidingWindowAttention", case, f"sweep {bm}x{bn} w{warps} s{stages}", None, None,
-                            note=f"{type(e).__name__}: {str(e)[:80]}"))  # fmt: skip
+            rows.append(Row("SlidingWindowAttention", case, name, None, None,
+                            note=f"{type(e).__name__}: {str(e)[:80]}", timer=kind))  # fmt: skip
 
 
 def device_facts() -> dict:
@@ -287,16 +310,16 @@ def device_facts() -> dict:
 def markdown(facts: dict, rows: list[Row]) -> str:
     head = [f"# Plugin kernel timings: {facts['device']}", ""]
     head += [f"- {k}: `{v}`" for k, v in facts.items() if k != "device"]
-    head += ["", "| op | case | variant | median ms | GB/s | TFLOP/s | max abs diff vs reference | note |"]
-    head += ["|---|---|---|---:|---:|---:|---:|---|"]
+    head += ["", "| op | case | variant | timer | median ms | GB/s | TFLOP/s | max abs diff vs reference | note |"]
+    head += ["|---|---|---|---|---:|---:|---:|---:|---|"]
 
     def f(x: float | None, p: int) -> str:
         return "" if x is None else f"{x:.{p}f}"
 
     for r in rows:
         head.append(
-            f"| {r.op} | {r.case} | {r.variant} | {f(r.median_ms, 4)} | {f(r.gb_s, 1)} | {f(r.tflop_s, 1)} | "
-            f"{'' if r.max_abs_diff is None else f'{r.max_abs_diff:.2e}'} | {r.note} |"
+            f"| {r.op} | {r.case} | {r.variant} | {r.timer} | {f(r.median_ms, 4)} | {f(r.gb_s, 1)} | "
+            f"{f(r.tflop_s, 1)} | {'' if r.max_abs_diff is None else f'{r.max_abs_diff:.2e}'} | {r.note} |"
         )
     return "\n".join(head) + "\n"
 

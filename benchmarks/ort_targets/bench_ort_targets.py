@@ -352,13 +352,18 @@ def _yes_no(v: bool | None) -> str:
     return "-" if v is None else "yes" if v else "no"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_args(ap: argparse.ArgumentParser, window: int) -> None:
+    """The random model's shape (`bench_config` reads them): the issues' medium model by default."""
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--window", type=int, default=4096, help="sliding window (Gemma 2: 4096)")
+    ap.add_argument("--window", type=int, default=window, help="sliding window")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(ap, window=4096)  # Gemma 2's window: longer than any prompt here
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=16, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=15)

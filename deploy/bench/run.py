@@ -56,6 +56,7 @@ class BenchSettings:
     dtype: str = "fp32"
     seed: int = 0
     cooldown_s: float = 0.05  # idle time before each trial: the previous backend's spinning threads park
+    kv_cache: str = "inplace"  # the KV cache contract of the g2trt backends ("inplace" or "dynamic")
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -70,6 +71,8 @@ class BenchSettings:
             raise BenchError(f"--new must be >= 2 (the first token and one decode step), got {self.new_tokens}")
         if self.repeats < 1 or self.warmup < 0:
             raise BenchError("--repeats must be >= 1 and --warmup >= 0")
+        if self.kv_cache not in ("inplace", "dynamic"):
+            raise BenchError(f"--kv-cache {self.kv_cache!r}: choose inplace or dynamic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,7 @@ class WorkerSpec:
     model: ModelSpec
     path: str | None
     threads: int | None
+    kv_cache: str = "inplace"
 
 
 @dataclasses.dataclass
@@ -169,25 +173,27 @@ def prepare(
         if "ort-plain" not in artifacts:
             from export.onnx_export import ExportOptions, export_onnx
 
-            opts = ExportOptions(dtype=settings.dtype)  # type: ignore[arg-type]
+            opts = ExportOptions(dtype=settings.dtype, kv_cache=settings.kv_cache)  # type: ignore[arg-type]
             artifacts["ort-plain"] = str(export_onnx(model.source(), work / "onnx", opts).model_path)
         return artifacts["ort-plain"]
 
+    kv = settings.kv_cache
     for backend in settings.backends:
         try:
             if backend == "torch":
-                specs.append(WorkerSpec(backend, "torch", model, None, threads))
+                specs.append(WorkerSpec(backend, "torch", model, None, threads, kv))
             elif backend == "ort-plain":
-                specs.append(WorkerSpec(backend, "ort", model, plain_onnx(), threads))
+                specs.append(WorkerSpec(backend, "ort", model, plain_onnx(), threads, kv))
             elif backend == "ort":
                 path = artifacts.get("ort") or optimized_onnx(Path(plain_onnx()), "ort", work / "ort")
-                specs.append(WorkerSpec(backend, "ort", model, path, threads))
+                specs.append(WorkerSpec(backend, "ort", model, path, threads, kv))
             elif backend == "trt":
                 reason = trt_reason()
                 if reason:
                     raise _Skip(reason)
-                path = artifacts.get("trt") or build_engine(Path(plain_onnx()), work / "trt", settings)
-                specs.append(WorkerSpec(backend, "trt", model, path, threads))
+                native = optimized_onnx(Path(plain_onnx()), "trt-native", work / "trt-native")
+                path = artifacts.get("trt") or build_engine(Path(native), work / "trt", settings)
+                specs.append(WorkerSpec(backend, "trt", model, path, threads, kv))
             elif backend == "ort-genai":
                 path = artifacts.get("ort-genai") or genai_model(model, work)
                 specs.append(WorkerSpec(backend, "genai", model, path, threads))
@@ -224,6 +230,9 @@ def build_engine(model_path: Path, out: Path, settings: BenchSettings) -> str:
     top = max(settings.prompts) + settings.new_tokens
     dims = {"batch": max(settings.batches), "seq": max(settings.prompts), "past": top}
     opt = {"batch": min(settings.batches), "seq": min(settings.prompts), "past": min(settings.prompts)}
+    if settings.kv_cache == "inplace":  # one static cache length that holds every trial
+        dims = {"batch": dims["batch"], "seq": dims["seq"], "cache": top}
+        opt = {"batch": opt["batch"], "seq": opt["seq"]}
     report = build(model_path, out / "model.engine", BuildOptions(opt=opt, max=dims))
     return str(report.engine)
 

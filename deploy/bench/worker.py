@@ -41,18 +41,24 @@ def load(spec: Any) -> Any:
     if spec.kind == "torch":
         import torch
 
-        from deploy.runners.torch_runner import TorchRunner
+        from deploy.runners.torch_runner import TorchInplaceRunner, TorchRunner
         from export.weights import load_model
 
         torch.set_num_threads(spec.threads or 1)
-        return TorchRunner(load_model(spec.model.source(), "fp32"), name=spec.backend)
+        runner = TorchInplaceRunner if spec.kv_cache == "inplace" else TorchRunner
+        return runner(load_model(spec.model.source(), "fp32"), name=spec.backend)
     if spec.kind == "ort":
-        from deploy.runners.ort_runner import OrtRunner
+        from deploy.runners.factory import graph_contract
+        from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner
+        from export.manifest import read_manifest
 
+        contract, full_sliding = graph_contract(read_manifest(spec.path))
+        if contract == "inplace":
+            return OrtInplaceRunner(spec.path, cfg, name=spec.backend, threads=spec.threads, full_sliding=full_sliding)
         return OrtRunner(spec.path, cfg, name=spec.backend, threads=spec.threads)
-    from deploy.runners.trt_runner import TrtRunner
+    from deploy.runners.trt_runner import open_trt_runner
 
-    return TrtRunner(spec.path, cfg, name=spec.backend)
+    return open_trt_runner(spec.path, cfg, name=spec.backend)
 
 
 def trial(backend: Any, input_ids: np.ndarray, new: int) -> dict[str, Any]:

@@ -72,6 +72,8 @@ def _build_engine(onnx_path: str | Path, engine_path: str | Path, options: Build
     sms = backend.resolve_targets(options.sms)
     ranges = prof.make_ranges(options.min, options.opt, options.max, info.max_positions)
     profiles = prof.plan_profiles(info.inputs, ranges)
+    static = prof.static_dims(info.inputs, ranges)
+    _check_inplace(onnx_path, static)
     if info.dtype == "bf16" and min(sms) < 80:
         raise UnsupportedTargetError(f"{onnx_path}: bf16 engines need SM 80 or newer (--sm {min(sms)} has no bf16)")
     need = _MIN_SM.get(info.weights or "")
@@ -85,7 +87,7 @@ def _build_engine(onnx_path: str | Path, engine_path: str | Path, options: Build
     logger = backend.logger(echo=options.verbose)
     builder: trt_api.Builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    _parse(backend, network, onnx_path, logger, options.plugins, sms[0])
+    _parse(backend, network, onnx_path, logger, options.plugins, sms[0], static)
     config = _configure(backend, builder, sms, profiles, options, onnx_path, logger)
     notes, cache = _timing_cache(backend, config, options.timing_cache)
     layers = Counter(str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers))
@@ -120,7 +122,7 @@ def _build_engine(onnx_path: str | Path, engine_path: str | Path, options: Build
         engine=engine_path,
         meta_file=meta_path(engine_path),
         meta=meta,
-        ranges=_ranges_json(ranges),
+        ranges=_ranges_json(ranges, info),
         layers=dict(layers),
         layers_source=layers_source,
         build_seconds=seconds,
@@ -139,17 +141,58 @@ def _parse(
     logger: Any,
     plugins: bool,
     target_sm: int,
+    static: Mapping[str, int],
 ) -> None:
     parser: trt_api.OnnxParser = backend.trt.OnnxParser(network, logger)
     if plugins:
         from trt_plugins.registration.tensorrt_qdp import canonical_plugin_model, register_plugins
 
         register_plugins(backend.trt, target_sm=target_sm)
-        parsed = parser.parse(canonical_plugin_model(onnx_path), str(onnx_path))
+        parsed = parser.parse(_with_static_dims(canonical_plugin_model(onnx_path), static), str(onnx_path))
+    elif static:
+        model = Path(onnx_path).read_bytes()
+        parsed = parser.parse(_with_static_dims(model, static), str(onnx_path))  # weights: beside onnx_path
     else:
         parsed = parser.parse_from_file(str(onnx_path))
     if not parsed:
         raise BuildError(f"{onnx_path}: {backend.label} cannot parse the model: {_parser_error(parser, logger)}")
+
+
+def _with_static_dims(model: bytes, static: Mapping[str, int]) -> bytes:
+    """The graph with the named dims of its inputs and outputs made static (in memory; the file is untouched).
+
+    TensorRT's KV-cache update needs the cache length static in the network itself, not only in a
+    profile; every other dim stays dynamic.
+    """
+    if not static:
+        return model
+    import onnx
+
+    proto = onnx.ModelProto.FromString(model)
+    for value in [*proto.graph.input, *proto.graph.output]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in static:
+                d.dim_value = static[d.dim_param]
+    return bytes(proto.SerializeToString())
+
+
+def _check_inplace(onnx_path: Path, static: Mapping[str, int]) -> None:
+    """An in-place graph whose target needs full-length sliding buffers gets ring = cache."""
+    from export import io_contract as io
+
+    if io.SLIDING_CACHE not in static or io.CACHE not in static:
+        return
+    from export.manifest import read_manifest
+
+    try:
+        needs_full = read_manifest(onnx_path).get("kv_cache_sliding") == "full"
+    except G2trtError:
+        return
+    if needs_full and static[io.SLIDING_CACHE] != static[io.CACHE]:
+        raise BuildError(
+            f"{onnx_path}: this graph keeps sliding layers at full length (TensorRT's KV-cache update is linear): "
+            f"ring {static[io.SLIDING_CACHE]} must equal cache {static[io.CACHE]} (drop ring=, or give ring=cache)"
+        )
 
 
 def _configure(
@@ -161,12 +204,17 @@ def _configure(
     onnx_path: Path,
     logger: Any,
 ) -> trt_api.IBuilderConfig:
-    """Targets, both optimization profiles, layer-detail verbosity (for the inspector), optimization level."""
+    """Targets, both optimization profiles, layer-detail verbosity (for the inspector), optimization level;
+    with plugins, plugin I/O aliasing."""
     config = builder.create_builder_config()
     backend.apply_targets(config, sms)
     config.profiling_verbosity = backend.trt.ProfilingVerbosity.DETAILED
     if options.optimization_level is not None:
         config.builder_optimization_level = options.optimization_level
+    if options.plugins:  # the in-place attention plugin's presents alias its pasts
+        from trt_plugins.registration.tensorrt_qdp import enable_aliased_plugin_io
+
+        enable_aliased_plugin_io(backend.trt, config)
     for p in profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (lo, mid, hi) in p.shapes.items():
@@ -287,8 +335,23 @@ def _engine_layers(backend: TrtBackend, engine_path: Path, logger: Any) -> Count
     return Counter(str(layer.get("LayerType", "Unknown")) if isinstance(layer, dict) else "Unknown" for layer in layers)
 
 
-def _ranges_json(r: prof.ProfileRanges) -> dict[str, dict[str, list[int]]]:
+def _ranges_json(r: prof.ProfileRanges, info: OnnxInfo) -> dict[str, dict[str, list[int]]]:
+    """The ranges of the dims the graph has (past for the dynamic KV cache, cache/ring for the in-place one)."""
+    from export import io_contract as io
+
+    names = {d for t in info.inputs for d in t.dims if isinstance(d, str)}
+    has = {
+        "past": bool(names & {io.PAST, io.SLIDING_PAST}),
+        "cache": io.CACHE in names,
+        "ring": io.SLIDING_CACHE in names,
+    }
+
+    def dims(seq: list[int], past: list[int]) -> dict[str, list[int]]:
+        out = {"batch": r.batch.as_list(), "seq": seq, "past": past}
+        out.update({k: getattr(r, k).as_list() for k in prof.FIXED if getattr(r, k) is not None})
+        return {k: v for k, v in out.items() if has.get(k, True)}
+
     return {
-        prof.PREFILL: {"batch": r.batch.as_list(), "seq": r.seq.as_list(), "past": r.prefill_past().as_list()},
-        prof.DECODE: {"batch": r.batch.as_list(), "seq": [1, 1, 1], "past": r.past.as_list()},
+        prof.PREFILL: dims(r.seq.as_list(), r.prefill_past().as_list()),
+        prof.DECODE: dims([1, 1, 1], r.past.as_list()),
     }

@@ -16,6 +16,13 @@ I/O contract's dim names (export/io_contract.py):
     total_sequence_length           past + seq, dimension by dimension (attention_mask)
 
 `max_positions` (the model's max_position_embeddings, when known) bounds past + seq.
+
+In-place KV cache graphs (export/kv_cache.py) have no past or total dims; their cache buffers must
+have a *static* length (TensorRT's KV-cache update layer), so `cache` (global layers' slots) and
+`ring` (sliding layers' slots, default: cache) are fixed: min = opt = max, one engine per length.
+
+    max_cache_length                cache (fixed)
+    sliding_cache_length            ring (fixed)
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from deploy.engine.onnx_info import IoTensor
 from export import io_contract as io
 from export.errors import G2trtError
 
-KEYS = ("batch", "seq", "past")
+KEYS = ("batch", "seq", "past", "cache", "ring")
+FIXED = ("cache", "ring")  # static in the network: one value
 PREFILL, DECODE = "prefill", "decode"
 
 Shape = tuple[int, ...]
@@ -53,6 +61,13 @@ class ProfileRanges:
     seq: DimRange
     past: DimRange
     max_positions: int | None = None
+    cache: DimRange | None = None  # in-place KV cache: global layers' slots (fixed)
+    ring: DimRange | None = None  # in-place KV cache: sliding layers' slots (fixed)
+
+    def fixed(self, key: str) -> int:
+        d: DimRange | None = getattr(self, key)
+        assert d is not None and d.min == d.max
+        return d.min
 
     def prefill_past(self) -> DimRange:
         """Prefill may continue from a cache (chunked prefill) as long as past + seq still fits."""
@@ -89,7 +104,8 @@ def parse_dims(text: str | None, option: str) -> dict[str, int]:
 
 
 def default_ranges(max_positions: int | None) -> dict[str, DimRange]:
-    """batch 1/1/8; seq 1/128/512; past 0/512/(context - 1), context = max_positions (4096 unknown)."""
+    """batch 1/1/8; seq 1/128/512; past 0/512/(context - 1), context = max_positions (4096 unknown);
+    an in-place cache of `context` slots."""
     context = min(max_positions or 4096, 8192)
     seq_max = max(1, min(512, context // 2))
     past_max = max(0, context - 1)
@@ -97,6 +113,7 @@ def default_ranges(max_positions: int | None) -> dict[str, DimRange]:
         "batch": DimRange(1, 1, 8),
         "seq": DimRange(1, min(128, seq_max), seq_max),
         "past": DimRange(0, min(512, past_max), past_max),
+        "cache": DimRange(context, context, context),
     }
 
 
@@ -111,24 +128,46 @@ def make_ranges(
     defaults = default_ranges(max_positions)
     ranges: dict[str, DimRange] = {}
     for key in KEYS:
+        if key in FIXED:
+            continue
         d = defaults[key]
         hi = maxs.get(key, max(d.max, mins.get(key, d.max), opts.get(key, d.max)))
         lo = mins.get(key, min(d.min, hi, opts.get(key, hi)))
         mid = opts.get(key, min(max(d.opt, lo), hi))
         ranges[key] = DimRange(lo, mid, hi)
-    result = ProfileRanges(ranges["batch"], ranges["seq"], ranges["past"], max_positions)
+    cache = _fixed("cache", mins, opts, maxs, defaults["cache"].max)
+    ring = _fixed("ring", mins, opts, maxs, cache.max)
+    result = ProfileRanges(ranges["batch"], ranges["seq"], ranges["past"], max_positions, cache, ring)
     validate(result)
     return result
 
 
+def _fixed(
+    key: str, mins: Mapping[str, int], opts: Mapping[str, int], maxs: Mapping[str, int], default: int
+) -> DimRange:
+    """A static dim: whichever of min/opt/max is given sets all three; different values are an error."""
+    given = {v for v in (mins.get(key), opts.get(key), maxs.get(key)) if v is not None}
+    if len(given) > 1:
+        raise ProfileError(
+            f"profile {key} must be fixed (min = opt = max: the in-place KV cache has a static length in a "
+            f"TensorRT engine), got {sorted(given)}"
+        )
+    value = given.pop() if given else default
+    return DimRange(value, value, value)
+
+
 def validate(r: ProfileRanges) -> None:
-    floors = {"batch": 1, "seq": 1, "past": 0}
+    floors = {"batch": 1, "seq": 1, "past": 0, "cache": 1, "ring": 1}
     for key in KEYS:
-        d: DimRange = getattr(r, key)
+        d: DimRange | None = getattr(r, key)
+        if d is None:
+            continue
         if d.min < floors[key]:
             raise ProfileError(f"profile {key} min is {d.min}; it must be >= {floors[key]}")
         if not d.min <= d.opt <= d.max:
             raise ProfileError(f"profile {key} needs min <= opt <= max, got min {d.min}, opt {d.opt}, max {d.max}")
+    if r.cache is not None and r.ring is not None and r.ring.max > r.cache.max:
+        raise ProfileError(f"profile ring {r.ring.max} exceeds cache {r.cache.max}: a ring never outgrows the cache")
     if r.max_positions is not None:
         if r.seq.max > r.max_positions:
             raise ProfileError(
@@ -146,9 +185,14 @@ def validate(r: ProfileRanges) -> None:
             )
 
 
-def _dim_values(dim: int | str, name: str, index: int, batch: DimRange, seq: DimRange, past: DimRange) -> Shape:
+def _dim_values(
+    dim: int | str, name: str, index: int, batch: DimRange, seq: DimRange, past: DimRange, r: ProfileRanges
+) -> Shape:
     if isinstance(dim, int):
         return (dim, dim, dim)
+    if dim in (io.CACHE, io.SLIDING_CACHE):
+        n = r.fixed("cache" if dim == io.CACHE else "ring")
+        return (n, n, n)
     if dim == io.BATCH:
         return (batch.min, batch.opt, batch.max)
     if dim == io.SEQ:
@@ -157,14 +201,16 @@ def _dim_values(dim: int | str, name: str, index: int, batch: DimRange, seq: Dim
         return (past.min, past.opt, past.max)
     if dim == io.TOTAL:
         return (past.min + seq.min, past.opt + seq.opt, past.max + seq.max)
-    known = ", ".join((io.BATCH, io.SEQ, io.PAST, io.SLIDING_PAST, io.TOTAL))
+    known = ", ".join((io.BATCH, io.SEQ, io.PAST, io.SLIDING_PAST, io.TOTAL, io.CACHE, io.SLIDING_CACHE))
     raise ProfileError(f"input {name!r} dim {index} is dynamic ({dim!r}); g2trt ranges only the named dims {known}")
 
 
-def _profile(name: str, inputs: Sequence[IoTensor], batch: DimRange, seq: DimRange, past: DimRange) -> Profile:
+def _profile(
+    name: str, inputs: Sequence[IoTensor], batch: DimRange, seq: DimRange, past: DimRange, r: ProfileRanges
+) -> Profile:
     shapes: dict[str, tuple[Shape, Shape, Shape]] = {}
     for t in inputs:
-        per_dim = [_dim_values(d, t.name, i, batch, seq, past) for i, d in enumerate(t.dims)]
+        per_dim = [_dim_values(d, t.name, i, batch, seq, past, r) for i, d in enumerate(t.dims)]
         shapes[t.name] = (
             tuple(v[0] for v in per_dim),
             tuple(v[1] for v in per_dim),
@@ -183,6 +229,13 @@ def plan_profiles(inputs: Sequence[IoTensor], r: ProfileRanges) -> list[Profile]
         )
     one = DimRange(1, 1, 1)
     return [
-        _profile(PREFILL, inputs, r.batch, r.seq, prefill_past),
-        _profile(DECODE, inputs, r.batch, one, r.past),
+        _profile(PREFILL, inputs, r.batch, r.seq, prefill_past, r),
+        _profile(DECODE, inputs, r.batch, one, r.past, r),
     ]
+
+
+def static_dims(inputs: Sequence[IoTensor], r: ProfileRanges) -> dict[str, int]:
+    """The named dims the network must hold static (the in-place cache lengths), by dim name."""
+    names = {d for t in inputs for d in t.dims if isinstance(d, str)}
+    fixed = {io.CACHE: "cache", io.SLIDING_CACHE: "ring"}
+    return {dim: r.fixed(key) for dim, key in fixed.items() if dim in names}

@@ -1,10 +1,16 @@
 """Text generation on any runner: batched, left-padded prompts, one prefill, then one decode step per token.
 
-The loop is the one onnxruntime-genai and HF `generate` run: left padding with `attention_mask` 0,
-positions that skip the padding, sampling from the last position's logits, rows that stop early keep
-decoding pad tokens (their output is cut at the stop token) until every row stops or
-`max_new_tokens` is reached. Between steps the KV cache follows a `CachePolicy` (`window` keeps each
-sliding layer's last `sliding_window - 1` entries, see `deploy.generate.kv_cache`).
+The loop is the one onnxruntime-genai and HF `generate` run: left-padded prompts, sampling from the
+last position's logits, rows that stop early keep decoding pad tokens (their output is cut at the stop
+token) until every row stops or `max_new_tokens` is reached. Two KV cache contracts:
+
+- in-place (`InplaceRunner`, the default of `g2trt generate`): the runner allocates the cache once for
+  prompt + new tokens and every step writes it; padding is marked by negative positions. A decode
+  step is: write the new token and its position into two [B, 1] arrays, run, sample. Nothing is
+  allocated or copied per token on the loop's side.
+- dynamic (`Runner`): `attention_mask` 0 marks padding and the presents come back each step; between
+  steps the cache follows a `CachePolicy` (`window` keeps each sliding layer's last
+  `sliding_window - 1` entries, see `deploy.generate.kv_cache`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 
 from deploy.generate import kv_cache
 from deploy.generate.sampling import SamplingConfig, next_tokens
-from deploy.runners.base import Runner
+from deploy.runners.base import InplaceCache, InplaceRunner, Runner, cache_sizes, padded_positions
 from deploy.verify.parity import position_ids
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -32,7 +38,8 @@ class GenerationConfig:
     max_new_tokens: int = 32
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     stop_tokens: tuple[int, ...] | None = None  # None: the model's eos_token_id; () never stops early
-    cache: kv_cache.CachePolicy = "window"
+    cache: kv_cache.CachePolicy = "window"  # dynamic contract only
+    prefill_chunk: int | None = None  # in-place contract: prefill in chunks of this many tokens (None: at once)
 
 
 @dataclasses.dataclass
@@ -83,7 +90,7 @@ def check_prompts(cfg: Gemma2Config, prompts: Sequence[Sequence[int]], max_new_t
 
 
 def generate(
-    runner: Runner,
+    runner: Runner | InplaceRunner,
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig = GenerationConfig(),
     on_step: Callable[[np.ndarray], None] | None = None,
@@ -91,6 +98,9 @@ def generate(
     """Generate up to `config.max_new_tokens` for each prompt (token ids); `on_step` sees each new [B] row."""
     cfg = runner.config
     check_prompts(cfg, prompts, config.max_new_tokens)
+    if runner.kv_cache == "inplace":
+        return generate_inplace(runner, prompts, config, on_step)  # type: ignore[arg-type]
+    assert runner.kv_cache == "dynamic"
     policy = kv_cache.check_policy(config.cache)
     stop = np.array(cfg.eos_token_id if config.stop_tokens is None else config.stop_tokens, dtype=np.int64)
     rng = np.random.default_rng(config.sampling.seed)
@@ -126,9 +136,83 @@ def generate(
         mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         pos = pos[:, -1:] + 1
 
+    tokens, finish = _cut_at_stop(out.tolist(), stop)
+    return Generation(tokens, finish, prefill_s, step_s, kv_cache.cache_bytes(past), kv_peak)
+
+
+def generate_inplace(
+    runner: InplaceRunner,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig = GenerationConfig(),
+    on_step: Callable[[np.ndarray], None] | None = None,
+) -> Generation:
+    """`generate` on the in-place contract (prompts already checked by `generate`)."""
+    cfg = runner.config
+    batch, new_max = len(prompts), config.max_new_tokens
+    stop = np.array(cfg.eos_token_id if config.stop_tokens is None else config.stop_tokens, dtype=np.int64)
+    rng = np.random.default_rng(config.sampling.seed)
+    chunk = config.prefill_chunk
+    if chunk is not None and chunk < 1:
+        raise GenerationError(f"--prefill-chunk must be >= 1, got {chunk}")
+    ids, _ = pad_left(prompts, cfg.pad_token_id)
+    width = ids.shape[1]
+    pos = padded_positions([len(p) for p in prompts], width)
+    continuing = chunk if chunk is not None and chunk < width else 1  # a first prompt fits any ring
+    length, ring = cache_sizes(cfg, width + new_max, runner.full_sliding, continuing)
+    cache = runner.allocate(batch, length, ring)
+
+    out = np.zeros((batch, new_max), dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    step_ids = np.zeros((batch, 1), dtype=np.int64)
+    step_pos = pos[:, -1:].copy()
+    step_s: list[float] = []
+    start = time.perf_counter()
+    logits = _prefill(runner, ids, pos, cache, chunk)
+    prefill_s = 0.0
+    n = 0
+    for n in range(1, new_max + 1):
+        new = next_tokens(logits[:, -1, :], config.sampling, rng)
+        if done.any():
+            new[done] = cfg.pad_token_id
+        out[:, n - 1] = new
+        now = time.perf_counter()
+        if n == 1:
+            prefill_s = now - start
+        else:
+            step_s.append(now - start)
+        start = now
+        if on_step is not None:
+            on_step(new)
+        done |= (new[:, None] == stop).any(axis=1)  # np.isin costs ~10 us a call on these tiny arrays
+        if n == new_max or done.all():
+            break
+        step_ids[:, 0] = new
+        step_pos += 1
+        logits = runner.step(step_ids, step_pos, cache)
+
+    tokens, finish = _cut_at_stop(out[:, :n].tolist(), stop)
+    return Generation(tokens, finish, prefill_s, step_s, cache.nbytes, cache.nbytes)
+
+
+def _prefill(
+    runner: InplaceRunner, ids: np.ndarray, pos: np.ndarray, cache: InplaceCache, chunk: int | None
+) -> np.ndarray:
+    """The prompt through the runner, whole or in chunks (each continuing the sequence the last one wrote)."""
+    width = ids.shape[1]
+    if chunk is None or chunk >= width:
+        return runner.step(ids, pos, cache)
+    logits = None
+    for start in range(0, width, chunk):
+        logits = runner.step(ids[:, start : start + chunk], pos[:, start : start + chunk], cache)
+    assert logits is not None
+    return logits
+
+
+def _cut_at_stop(rows: list[list[int]], stop: np.ndarray) -> tuple[list[list[int]], list[str]]:
+    stops = set(stop.tolist())
     tokens, finish = [], []
-    for row in out.tolist():
-        hit = next((i for i, t in enumerate(row) if t in stop), None)
+    for row in rows:
+        hit = next((i for i, t in enumerate(row) if t in stops), None)
         tokens.append(row if hit is None else row[: hit + 1])
         finish.append("length" if hit is None else "stop")
-    return Generation(tokens, finish, prefill_s, step_s, kv_cache.cache_bytes(past), kv_peak)
+    return tokens, finish

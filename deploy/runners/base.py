@@ -6,19 +6,25 @@ runners with the same code (Polygraphy's runner/comparator split).
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from export import io_contract as io
-from export.config import Gemma2Config
+from export.config import SLIDING, Gemma2Config
+from export.errors import G2trtError
 
 KVCache = list[tuple[np.ndarray, np.ndarray]]  # per layer: key, value [B, KV, P_l, Dh]
 
 
 class Runner(Protocol):
+    """The dynamic contract: the caller feeds the past and gets `present = past + this step` back."""
+
     name: str
     config: Gemma2Config
+    kv_cache: Literal["dynamic"]
 
     def empty_past(self, batch: int) -> KVCache: ...
 
@@ -27,6 +33,96 @@ class Runner(Protocol):
     ) -> tuple[np.ndarray, KVCache]:
         """logits [B, S or 1, V] fp32, and the presents (past + this step) per layer."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class InplaceCache:
+    """The in-place contract's buffers (export/kv_cache.py), allocated once and written by every step.
+
+    `buffers[i]` = (key, value) [B, KV, C_i, Dh]: numpy for the CPU runners, torch CUDA tensors for
+    TensorRT. Global layers hold `length` slots (positions 0 .. length - 1 fit); sliding layers `ring`.
+    """
+
+    buffers: list[tuple[Any, Any]]
+    length: int
+    ring: int
+
+    @property
+    def batch(self) -> int:
+        return int(self.buffers[0][0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(k) + _nbytes(v) for k, v in self.buffers)
+
+    def rows(self, start: int, stop: int) -> InplaceCache:
+        """Rows [start, stop) as a cache of their own: views of the same memory (contiguous, batch-major)."""
+        return InplaceCache([(k[start:stop], v[start:stop]) for k, v in self.buffers], self.length, self.ring)
+
+
+class InplaceRunner(Protocol):
+    """The in-place contract: the runner owns the cache; a step writes it and returns only the logits."""
+
+    name: str
+    config: Gemma2Config
+    kv_cache: Literal["inplace"]
+    full_sliding: bool  # True: sliding layers need `length` slots too (no ring), e.g. TensorRT's linear cache update
+
+    def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache: ...
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:
+        """logits [B, S or 1, V] fp32; writes this step's keys and values into `cache` in place."""
+        ...
+
+
+class CacheSizeError(G2trtError, ValueError):
+    """A step or generation that does not fit the in-place cache."""
+
+
+def cache_sizes(cfg: Gemma2Config, positions: int, full_sliding: bool = False, chunk: int = 1) -> tuple[int, int]:
+    """(length, ring) for sequences of up to `positions` tokens (prompt + new, padding included).
+
+    A ring needs `window` slots for one-token steps and `window + chunk - 1` when a multi-token step of
+    `chunk` tokens continues a sequence (chunked prefill); a first prompt of any length fits any ring.
+    """
+    ring = positions if full_sliding else min(positions, cfg.sliding_window + chunk - 1)
+    return positions, ring
+
+
+def allocate_buffers(
+    cfg: Gemma2Config, batch: int, length: int, ring: int, zeros: Callable[[tuple[int, ...]], Any]
+) -> InplaceCache:
+    if ring > length or ring < min(length, cfg.sliding_window):
+        raise CacheSizeError(
+            f"a sliding ring of {ring} slots must hold between min(length {length}, window "
+            f"{cfg.sliding_window}) and {length} slots"
+        )
+    buffers = []
+    for kind in cfg.layer_types:
+        shape = (batch, cfg.num_key_value_heads, ring if kind == SLIDING else length, cfg.head_dim)
+        buffers.append((zeros(shape), zeros(shape)))
+    return InplaceCache(buffers, length, ring)
+
+
+def check_step(cache: InplaceCache, input_ids: np.ndarray, position_ids: np.ndarray, window: int) -> None:
+    """One-line errors for a step the cache cannot hold (the graph would silently wrap or drop keys)."""
+    if input_ids.shape != position_ids.shape or input_ids.ndim != 2:
+        raise CacheSizeError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} must be [B, S] alike")
+    if input_ids.shape[0] != cache.batch:
+        raise CacheSizeError(f"a batch of {input_ids.shape[0]} rows for a cache of {cache.batch}")
+    last = int(position_ids[:, -1].max())
+    if last >= cache.length:
+        raise CacheSizeError(f"position {last} does not fit a KV cache of {cache.length} slots")
+    s = input_ids.shape[1]
+    if s > 1 and cache.ring < cache.length and int(position_ids[:, 0].max()) > 0 and s + window - 1 > cache.ring:
+        raise CacheSizeError(
+            f"a {s}-token step continuing a sequence needs a sliding ring of window + {s - 1} = "
+            f"{window + s - 1} slots; this cache has {cache.ring}"
+        )
+
+
+def _nbytes(a: Any) -> int:
+    return int(a.nbytes) if isinstance(a, np.ndarray) else int(a.numel() * a.element_size())
 
 
 def contract_feeds(
@@ -43,6 +139,12 @@ def contract_feeds(
 def split_outputs(outputs: list[np.ndarray]) -> tuple[np.ndarray, KVCache]:
     """(logits, presents) from the graph outputs in contract order: logits, present.0.key, present.0.value, ..."""
     return outputs[0], [(outputs[i], outputs[i + 1]) for i in range(1, len(outputs), 2)]
+
+
+def padded_positions(lengths: list[int] | np.ndarray, width: int) -> np.ndarray:
+    """In-place contract positions [B, width] of right-aligned prompts: padding gets negative positions."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(width, dtype=np.int64)[None, :] - (width - lengths)[:, None]
 
 
 def zeros_past(cfg: Gemma2Config, batch: int, dtype: np.dtype | type) -> KVCache:

@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from deploy.runners.base import Runner
+from deploy.runners.base import InplaceRunner, Runner
+from export import io_contract as io
 from export.config import Gemma2Config
 from export.errors import G2trtError
 from export.manifest import manifest_config, read_manifest
@@ -95,38 +96,76 @@ def engine_config(engine: Path) -> Gemma2Config:
     raise ModelError(f"{engine}: no manifest.json beside it or beside its ONNX ({meta.onnx}), so its config is unknown")
 
 
+def graph_contract(manifest: dict) -> tuple[io.KvCache, bool]:
+    """(KV cache contract, whether sliding layers need full-length buffers) a graph's manifest records."""
+    options = manifest.get("options") or {}
+    contract = options.get("kv_cache") or "dynamic"
+    if contract not in io.KV_CACHES:
+        raise ModelError(f"manifest kv_cache {contract!r} is neither of {', '.join(io.KV_CACHES)}")
+    return contract, manifest.get("kv_cache_sliding") == "full"
+
+
 def open_runner(
-    ref: ModelRef, backend: str, *, work_dir: Path | None = None, threads: int | None = None, name: str | None = None
-) -> Runner:
-    """The runner of `backend` for `ref`; an onnxruntime run of a checkpoint exports into `work_dir` first."""
+    ref: ModelRef,
+    backend: str,
+    *,
+    work_dir: Path | None = None,
+    threads: int | None = None,
+    name: str | None = None,
+    kv_cache: io.KvCache | None = None,
+) -> Runner | InplaceRunner:
+    """The runner of `backend` for `ref`; an onnxruntime run of a checkpoint exports into `work_dir` first.
+
+    `kv_cache`: the contract to run (None: the graph's own, and in-place for what this call exports or
+    for PyTorch). A graph of the other contract is a one-line error.
+    """
     check_backend(backend)
+    if kv_cache is not None and kv_cache not in io.KV_CACHES:
+        raise ModelError(f"--kv-cache {kv_cache!r}: choose {' or '.join(io.KV_CACHES)}")
     if backend == "torch":
-        from deploy.runners.torch_runner import TorchRunner
+        from deploy.runners.torch_runner import TorchInplaceRunner, TorchRunner
         from export.weights import load_model
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        return TorchRunner(load_model(ref.weights(), "fp32"), name=name or "torch")
+        model = load_model(ref.weights(), "fp32")
+        if kv_cache == "dynamic":
+            return TorchRunner(model, name=name or "torch")
+        return TorchInplaceRunner(model, name=name or "torch")
     if backend == "ort":
-        from deploy.runners.ort_runner import OrtRunner
+        from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner
 
         if ref.kind == "engine":
             raise ModelError(f"{ref.path}: the ort backend needs an ONNX model or checkpoint, not an engine")
-        path = ref.path if ref.kind == "onnx" else export_for_ort(ref, work_dir)
-        return OrtRunner(path, ref.config, name=name or "ort", threads=threads)  # type: ignore[arg-type]
-    from deploy.runners.trt_runner import TrtRunner
+        path = ref.path if ref.kind == "onnx" else export_for_ort(ref, work_dir, kv_cache or "inplace")
+        assert path is not None
+        contract, full_sliding = graph_contract(read_manifest(path))
+        _check_contract(path, contract, kv_cache)
+        if contract == "dynamic":
+            return OrtRunner(path, ref.config, name=name or "ort", threads=threads)
+        return OrtInplaceRunner(path, ref.config, name=name or "ort", threads=threads, full_sliding=full_sliding)
+    from deploy.runners.trt_runner import open_trt_runner
 
     if ref.kind != "engine":
         raise ModelError(f"{ref.path or ref.preset}: the trt backend needs an engine built by `g2trt build`")
-    return TrtRunner(ref.path, ref.config, name=name or "trt")  # type: ignore[arg-type]
+    assert ref.path is not None
+    return open_trt_runner(ref.path, ref.config, name=name or "trt", kv_cache=kv_cache)
 
 
-def export_for_ort(ref: ModelRef, work_dir: Path | None) -> Path:
+def _check_contract(path: Path, contract: str, wanted: str | None) -> None:
+    if wanted is not None and wanted != contract:
+        raise ModelError(
+            f"{path}: a graph of the {contract} KV cache contract, but --kv-cache {wanted} was asked for "
+            f"(export it with --kv-cache {wanted}, or drop the option)"
+        )
+
+
+def export_for_ort(ref: ModelRef, work_dir: Path | None, kv_cache: io.KvCache = "inplace") -> Path:
     """Export the checkpoint (or preset) to fp32 ONNX under `work_dir` and return model.onnx."""
     from export.onnx_export import ExportOptions, export_onnx
 
     if work_dir is None:
         raise ModelError("the ort backend needs an ONNX model; export one with `g2trt export` first")
-    return export_onnx(ref.weights(), work_dir / "onnx", ExportOptions(dtype="fp32")).model_path
+    return export_onnx(ref.weights(), work_dir / "onnx", ExportOptions(dtype="fp32", kv_cache=kv_cache)).model_path

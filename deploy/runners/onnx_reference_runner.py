@@ -4,13 +4,22 @@ provider cannot, so a bf16 export is still verified numerically here (tiny model
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import ml_dtypes
 import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from deploy.runners.base import KVCache, contract_feeds, split_outputs, zeros_past
+from deploy.runners.base import (
+    InplaceCache,
+    KVCache,
+    allocate_buffers,
+    check_step,
+    contract_feeds,
+    split_outputs,
+    zeros_past,
+)
 from export import io_contract as io
 from export.config import Gemma2Config
 
@@ -22,6 +31,8 @@ _NP = {
 
 
 class OnnxReferenceRunner:
+    kv_cache: Literal["dynamic"] = "dynamic"
+
     def __init__(self, model_path: str | Path, config: Gemma2Config, name: str = "onnx-reference") -> None:
         self.name = name
         self.config = config
@@ -38,3 +49,26 @@ class OnnxReferenceRunner:
     ) -> tuple[np.ndarray, KVCache]:
         feeds = contract_feeds(input_ids, attention_mask, position_ids, past)
         return split_outputs(self.evaluator.run(None, feeds))  # type: ignore[arg-type]  # a list for names=None
+
+
+class OnnxReferenceInplaceRunner(OnnxReferenceRunner):
+    """The in-place contract on onnx's reference evaluator (functional: each step's presents are copied
+    back into the buffers, which is fine for a verifier and would not be for a runtime)."""
+
+    kv_cache: Literal["inplace"] = "inplace"  # type: ignore[assignment]
+    full_sliding = False
+
+    def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
+        ring = length if ring is None else ring
+        return allocate_buffers(self.config, batch, length, ring, lambda shape: np.zeros(shape, self.kv_dtype))
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:
+        check_step(cache, input_ids, position_ids, self.config.sliding_window)
+        feeds: dict[str, np.ndarray] = {io.INPUT_IDS: input_ids, io.POSITION_IDS: position_ids}
+        for i, (k, v) in enumerate(cache.buffers):
+            feeds[io.past_name(i, "key")], feeds[io.past_name(i, "value")] = k, v
+        logits, presents = split_outputs(self.evaluator.run(None, feeds))  # type: ignore[arg-type]
+        for (k, v), (pk, pv) in zip(cache.buffers, presents, strict=True):
+            np.copyto(k, pk)
+            np.copyto(v, pv)
+        return logits

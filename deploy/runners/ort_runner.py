@@ -1,5 +1,10 @@
 """onnxruntime as a runner (CPU EP here; CUDA EP where onnxruntime-gpu and a GPU are present).
 
+Providers follow the graph's manifest: an `ort` graph lowered for the CPU provider (its GroupQueryAttention
+takes attention_bias, which onnxruntime's CUDA kernel rejects) runs on the CPU provider only; one lowered
+with `--provider cuda`, and every other graph, gets CUDA first where this onnxruntime has it. What the
+manifest says the graph requires of onnxruntime (`requires`) is checked before the session is made.
+
 Any g2trt graph runs here: the plain export, the `ort` target (com.microsoft contrib ops, built into
 onnxruntime) and the `trt` target, whose g2trt plugin nodes run as the reference ops that
 `trt_plugins.ort_ops` registers, so a TensorRT graph is checked token for token without a GPU.
@@ -7,21 +12,37 @@ onnxruntime) and the `trt` target, whose g2trt plugin nodes run as the reference
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
-from deploy.runners.base import KVCache, contract_feeds, split_outputs, zeros_past
+from deploy.runners.base import (
+    CacheSizeError,
+    InplaceCache,
+    KVCache,
+    allocate_buffers,
+    check_step,
+    contract_feeds,
+    split_outputs,
+    zeros_past,
+)
 from export import io_contract as io
 from export.config import Gemma2Config
 from export.errors import G2trtError
+from export.manifest import ManifestError, read_manifest
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class OrtRunner:
+class _OrtModel:
+    """What both contracts' runners share: a session of a g2trt graph, checked against its contract."""
+
+    kv_cache: io.KvCache
+
     def __init__(
         self,
         model_path: str | Path,
@@ -35,23 +56,15 @@ class OrtRunner:
     ) -> None:
         self.name = name
         self.config = config
-        so = session_options or ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        if not optimize:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            if uses_plugin_ops(model_path):
-                self.session = plugin_session(model_path, so, providers)
-            else:
-                self.session = ort.InferenceSession(str(model_path), so, providers=providers or default_providers())
-        except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
-            raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
-        check_contract(self.session, config, str(model_path))
-        past_type = {i.name: i.type for i in self.session.get_inputs()}[io.past_name(0, "key")]
-        if past_type not in _NP:
-            raise G2trtError(f"{model_path}: KV cache type {past_type} cannot run on onnxruntime CPU")
-        self.kv_dtype = _NP[past_type]
+        self.session = open_session(model_path, threads, optimize, providers, session_options)
+        check_contract(self.session, config, str(model_path), self.kv_cache)
+        self.kv_dtype = cache_dtype(self.session, str(model_path))
+
+
+class OrtRunner(_OrtModel):
+    """The dynamic contract: past in, presents (past + this step) out, as numpy arrays."""
+
+    kv_cache: Literal["dynamic"] = "dynamic"
 
     def empty_past(self, batch: int) -> KVCache:
         return zeros_past(self.config, batch, self.kv_dtype)
@@ -63,10 +76,146 @@ class OrtRunner:
         return split_outputs(self.session.run(None, feeds))
 
 
+class OrtInplaceRunner(_OrtModel):
+    """The in-place contract on onnxruntime: one buffer bound as both past and present (IOBinding).
+
+    onnxruntime's TensorScatter (and GroupQueryAttention) see the same pointer for past and present and
+    write only this step's tokens. Inputs and logits live in arrays bound once per (cache, batch, length),
+    so a repeated step shape (decode) costs two small array writes and `run_with_iobinding`: nothing
+    allocated, no cache copied, no dict of feeds built per token.
+
+    The logits returned are the bound output array itself: valid until the next step of that shape
+    (copy them to keep them).
+    """
+
+    kv_cache: Literal["inplace"] = "inplace"
+
+    def __init__(
+        self, model_path: str | Path, config: Gemma2Config, *, full_sliding: bool = False, **options: Any
+    ) -> None:
+        super().__init__(model_path, config, **options)
+        self.full_sliding = full_sliding
+        logits = next(o for o in self.session.get_outputs() if o.name == io.LOGITS)
+        self.last_logits_only = logits.shape[1] == 1
+        self._bindings: dict[tuple[int, int, int], _Binding] = {}
+
+    def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
+        ring = length if self.full_sliding or ring is None else ring
+        return allocate_buffers(self.config, batch, length, ring, lambda shape: np.zeros(shape, self.kv_dtype))
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:
+        check_step(cache, input_ids, position_ids, self.config.sliding_window)
+        b, s = input_ids.shape
+        key = (_address(cache.buffers[0][0]), b, s)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self._bind(cache, b, s)
+            if s == 1:  # decode shapes repeat every token; prompt shapes rarely do
+                self._bindings[key] = binding
+        binding.input_ids[...] = input_ids
+        binding.position_ids[...] = position_ids
+        self.session.run_with_iobinding(binding.io)
+        return binding.logits
+
+    def release(self, cache: InplaceCache) -> None:
+        """Forget the bindings of `cache` (they keep its buffers alive)."""
+        first = _address(cache.buffers[0][0])
+        self._bindings = {k: v for k, v in self._bindings.items() if k[0] != first}
+
+    def _bind(self, cache: InplaceCache, b: int, s: int) -> _Binding:
+        ids = np.zeros((b, s), dtype=np.int64)
+        pos = np.zeros((b, s), dtype=np.int64)
+        logits = np.zeros((b, 1 if self.last_logits_only else s, self.config.vocab_size), dtype=np.float32)
+        bound = self.session.io_binding()
+        for name, array in ((io.INPUT_IDS, ids), (io.POSITION_IDS, pos)):
+            bound.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
+        bound.bind_output(io.LOGITS, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
+        for i, (k, v) in enumerate(cache.buffers):
+            for kind, buf in (("key", k), ("value", v)):
+                if not buf.flags.c_contiguous:
+                    raise CacheSizeError("in-place cache buffers must be C-contiguous")
+                ptr = buf.ctypes.data
+                bound.bind_input(io.past_name(i, kind), "cpu", 0, buf.dtype, buf.shape, ptr)
+                bound.bind_output(io.present_name(i, kind), "cpu", 0, buf.dtype, buf.shape, ptr)
+        return _Binding(bound, ids, pos, logits, cache)
+
+
+@dataclasses.dataclass
+class _Binding:
+    io: ort.IOBinding
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    logits: np.ndarray
+    cache: InplaceCache  # keeps the bound buffers alive
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def open_session(
+    model_path: str | Path,
+    threads: int | None,
+    optimize: bool,
+    providers: list[str] | None,
+    session_options: ort.SessionOptions | None,
+) -> ort.InferenceSession:
+    """A session of a g2trt graph: the providers its manifest allows, after checking what it requires."""
+    so = session_options or ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    manifest = _manifest(model_path)
+    check_requires(manifest, str(model_path))
+    try:
+        if uses_plugin_ops(model_path):
+            return plugin_session(model_path, so, providers)
+        return ort.InferenceSession(str(model_path), so, providers=providers or providers_for(manifest))
+    except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
+        raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
+
+
+def cache_dtype(session: ort.InferenceSession, source: str) -> type:
+    past_type = {i.name: i.type for i in session.get_inputs()}[io.past_name(0, "key")]
+    if past_type not in _NP:
+        raise G2trtError(f"{source}: KV cache type {past_type} cannot run on onnxruntime CPU")
+    return _NP[past_type]
+
+
 def default_providers() -> list[str]:
     """CUDA EP first when this onnxruntime has it (onnxruntime-gpu); onnxruntime falls back to CPU."""
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def providers_for(manifest: dict[str, Any]) -> list[str]:
+    """The providers the graph was lowered for: the CPU form of the `ort` target on CPU only, else CUDA first."""
+    if manifest.get("target") == "ort" and manifest.get("provider", "cpu") == "cpu":
+        return ["CPUExecutionProvider"]
+    return default_providers()
+
+
+def check_requires(manifest: dict[str, Any], source: str, installed: str | None = None) -> None:
+    """One line if this onnxruntime is older than the graph's manifest requires (`requires.onnxruntime`)."""
+    from deploy.engine.backend import version_tuple
+
+    spec = str((manifest.get("requires") or {}).get("onnxruntime", ""))
+    if not spec:
+        return
+    if not spec.startswith(">="):
+        raise G2trtError(f"{source}: manifest requires onnxruntime {spec!r}; g2trt understands only '>=X.Y[.Z]'")
+    installed = installed or ort.__version__
+    if version_tuple(installed) < version_tuple(spec[2:]):
+        hint = "; lower it again with --provider cuda" if manifest.get("provider", "cpu") == "cpu" else ""
+        raise G2trtError(f"{source}: needs onnxruntime {spec}, this is {installed}: upgrade onnxruntime{hint}")
+
+
+def _manifest(model_path: str | Path) -> dict[str, Any]:
+    try:
+        return read_manifest(model_path)
+    except ManifestError:  # a hand-built graph: no recorded target, provider or requirement
+        return {}
 
 
 def uses_plugin_ops(model_path: str | Path) -> bool:
@@ -89,11 +238,19 @@ def plugin_session(model_path: str | Path, so: ort.SessionOptions, providers: li
     return ort_ops.inference_session(model_path, so, providers or ["CPUExecutionProvider"])
 
 
-def check_contract(session: ort.InferenceSession, cfg: Gemma2Config, source: str) -> None:
-    """Fail with one line if the graph's input/output names are not the g2trt contract."""
+def check_contract(
+    session: ort.InferenceSession, cfg: Gemma2Config, source: str, kv_cache: io.KvCache = "dynamic"
+) -> None:
+    """Fail with one line if the graph's input/output names are not the g2trt contract `kv_cache`."""
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
-    for kind, got, want in (("inputs", got_in, io.input_names(cfg)), ("outputs", got_out, io.output_names(cfg))):
+    if got_in in (io.input_names(cfg, c) for c in io.KV_CACHES) and io.contract_of(got_in) != kv_cache:
+        raise G2trtError(
+            f"{source}: a graph of the {io.contract_of(got_in)} KV cache contract, given to a runner of the "
+            f"{kv_cache} one (export with --kv-cache {kv_cache}, or run it with --kv-cache {io.contract_of(got_in)})"
+        )
+    want_in = io.input_names(cfg, kv_cache)
+    for kind, got, want in (("inputs", got_in, want_in), ("outputs", got_out, io.output_names(cfg))):
         if got != want:
             missing = [n for n in want if n not in got]
             extra = [n for n in got if n not in want]

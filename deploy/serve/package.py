@@ -11,6 +11,15 @@ the other dynamic dims are -1. The KV cache is explicit I/O (the client sends `p
 receives `present.*`): the dynamic batcher only groups requests whose non-batch dims match (same prompt
 and past lengths), which is what Triton's batcher does for any input that is not ragged.
 
+Engines (Triton's tensorrt backend): the instance group names every optimization profile of the engine
+(`profile: ["0", "1"]`, prefill and decode), or Triton would use profile 0 alone and run decode on prefill
+tactics, refusing decodes longer than the prefill profile's past. `max_batch_size` defaults to, and may not
+exceed, the smallest max batch of the engine's profiles (Triton refuses a repository whose max batch the
+engine cannot run). g2trt.json records what the model requires of the server: the exact TensorRT that
+built the plan (a plan loads in no other), or the onnxruntime an `ort` graph needs (its manifest's). An
+`ort` graph lowered for the CPU provider gets CPU instances (`--kind gpu` is refused: onnxruntime's CUDA
+kernel rejects its GroupQueryAttention's attention_bias); one lowered with `--provider cuda` may use GPUs.
+
 Plugins: the onnxruntime backend runs the plain and `ort` graphs (com.microsoft contrib ops are built into
 onnxruntime); a `trt` graph's g2trt plugin nodes have no onnxruntime kernel outside Python, so such a graph
 is refused here and shipped as an engine. Engines built with g2trt's plugins carry them as ahead-of-time
@@ -37,7 +46,7 @@ from export import io_contract as io
 from export.atomic import atomic_dir
 from export.config import Gemma2Config
 from export.errors import G2trtError
-from export.manifest import manifest_config
+from export.manifest import manifest_config, read_manifest
 
 ONNX_TYPES = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -98,8 +107,11 @@ def model_io(onnx_path: Path) -> tuple[list[Tensor], list[Tensor]]:
 
 
 def check_contract(cfg: Gemma2Config, inputs: Sequence[Tensor], outputs: Sequence[Tensor], source: str) -> None:
+    """The graph keeps one of the two KV cache contracts (an in-place graph's buffers travel as explicit
+    I/O here too: Triton's standard backends keep no state, so only the generation model writes in place)."""
+    names = [t.name for t in inputs]
     for kind, got, want in (
-        ("inputs", [t.name for t in inputs], io.input_names(cfg)),
+        ("inputs", names, io.input_names(cfg, io.contract_of(names))),
         ("outputs", [t.name for t in outputs], io.output_names(cfg)),
     ):
         if got != want:
@@ -139,19 +151,21 @@ def package(
     out: str | Path,
     *,
     name: str = "gemma2",
-    max_batch_size: int = 8,
+    max_batch_size: int | None = None,
     instances: int = 1,
     kind: str = "auto",
     max_queue_delay_us: int = 100,
     dynamic_batching: bool = True,
     plugin_libraries: Sequence[str] = (),
 ) -> PackageResult:
-    """Write REPO `out`/`name`/ for `model` (model.onnx, its directory, or an engine with its side file)."""
+    """Write REPO `out`/`name`/ for `model` (model.onnx, its directory, or an engine with its side file).
+
+    `max_batch_size`: None takes the engine's largest batch every profile runs (8 for ONNX)."""
     from deploy.runners.factory import resolve_model
 
     if not _NAME.match(name):
         raise PackageError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (it is a directory name)")
-    if max_batch_size < 1:
+    if max_batch_size is not None and max_batch_size < 1:
         raise PackageError(f"--max-batch-size must be >= 1, got {max_batch_size}")
     if instances < 1:
         raise PackageError(f"--instances must be >= 1, got {instances}")
@@ -163,8 +177,14 @@ def package(
             f"{model}: package an ONNX model (g2trt export) or an engine (g2trt build), not a checkpoint"
         )
     assert ref.path is not None
+    profiles: list[str] = []
+    engine: dict[str, Any] = {}
     if ref.kind == "onnx":
         backend, onnx_path, files = "onnxruntime", ref.path, [ref.path, *_external_files(ref.path)]
+        manifest = read_manifest(onnx_path)
+        requires = dict(manifest.get("requires") or {})
+        max_batch_size = 8 if max_batch_size is None else max_batch_size
+        kind = _ort_form_kind(manifest, kind, str(onnx_path))
         if "g2trt" in _plugin_domains(onnx_path):
             raise PackageError(
                 f"{onnx_path}: has g2trt plugin nodes, which onnxruntime in Triton cannot run; "
@@ -184,6 +204,10 @@ def package(
                 "(build with --backend tensorrt on the serving GPU, or package the ONNX for onnxruntime)"
             )
         backend, onnx_path, files = "tensorrt", Path(meta.onnx), [ref.path, meta_path(ref.path)]
+        engine = engine_batching(meta, str(ref.path))
+        profiles = [str(p["index"]) for p in engine["profiles"]]
+        requires = {"tensorrt": f"=={meta.trt_version}"}  # a plan loads only in the TensorRT that built it
+        max_batch_size = _batch_cap(max_batch_size, engine, str(ref.path))
     inputs, outputs = model_io(onnx_path)
     check_contract(ref.config, inputs, outputs, str(onnx_path))
 
@@ -197,7 +221,7 @@ def package(
     group_kind = {"auto": "KIND_GPU" if backend == "tensorrt" else "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
     if backend == "tensorrt" and kind == "cpu":
         raise PackageError("--kind cpu: TensorRT engines run on GPUs only")
-    config.instance_group.add(count=instances, kind=tc.INSTANCE_KINDS[group_kind[kind]])
+    config.instance_group.add(count=instances, kind=tc.INSTANCE_KINDS[group_kind[kind]], profile=profiles)
     config.default_model_filename = BACKEND_FILES[backend]
 
     plugins = list(plugin_libraries)
@@ -220,6 +244,8 @@ def package(
             "onnx": str(onnx_path.resolve()),
             "config": ref.config.to_hf_dict(),
             "plugin_libraries": plugins,
+            "requires": requires,
+            **({"engine": engine} if engine else {}),
             "server_command": command,
             "kv_cache": "explicit I/O: send past_key_values.* and read present.* each step (see docs/runtime.md)",
         }
@@ -227,6 +253,46 @@ def package(
     model_dir = out / name
     validate_repository(out, name)
     return PackageResult(model_dir, model_dir / "config.pbtxt", backend, tuple(inputs), tuple(outputs), command)
+
+
+def _ort_form_kind(manifest: dict[str, Any], kind: str, source: str) -> str:
+    """An `ort` graph lowered for the CPU provider runs on CPU instances only: its GroupQueryAttention takes
+    attention_bias, which onnxruntime's CUDA kernel (Triton's GPU instances) rejects."""
+    if manifest.get("target") != "ort" or manifest.get("provider", "cpu") != "cpu":
+        return kind
+    if kind == "gpu":
+        raise PackageError(
+            f"{source}: lowered for onnxruntime's CPU provider (its GroupQueryAttention takes attention_bias, "
+            "which the CUDA kernel rejects): optimize with --target ort --provider cuda for GPU instances"
+        )
+    return "cpu"
+
+
+def engine_batching(meta: Any, source: str) -> dict[str, Any]:
+    """The engine's profiles as Triton's tensorrt backend sees them: index, name and max batch (the smallest
+    max of dim 0 over the profile's inputs, as Triton computes it), and the batch every profile runs."""
+    if not meta.profiles:
+        raise PackageError(f"{source}: its side file lists no optimization profiles; rebuild it with `g2trt build`")
+    rows = []
+    for index, p in enumerate(meta.profiles):
+        maxima = [int(shapes[2][0]) for shapes in p["shapes"].values() if shapes and shapes[2]]
+        if not maxima:
+            raise PackageError(f"{source}: profile {p.get('name', index)!r} has no input shapes in its side file")
+        rows.append({"index": index, "name": p.get("name", str(index)), "max_batch": min(maxima)})
+    return {"profiles": rows, "max_batch": min(r["max_batch"] for r in rows)}
+
+
+def _batch_cap(requested: int | None, engine: dict[str, Any], source: str) -> int:
+    cap = int(engine["max_batch"])
+    if requested is None:
+        return cap
+    if requested > cap:
+        worst = min(engine["profiles"], key=lambda r: r["max_batch"])
+        raise PackageError(
+            f"{source}: --max-batch-size {requested} exceeds the engine's max batch {cap} (profile "
+            f"{worst['name']!r}); Triton would refuse it: rebuild with --max batch={requested} or package with {cap}"
+        )
+    return requested
 
 
 def validate_repository(repo: str | Path, name: str | None = None) -> list[str]:
@@ -254,6 +320,10 @@ def _validate_model(model_dir: Path) -> None:
     config = tc.parse(config_path.read_text(), str(config_path))
     if config.name != model_dir.name:
         raise PackageError(f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}")
+    if config.backend == "python":  # a generation model (g2trt's runtime inside the server)
+        from deploy.serve.generate_model import validate_generate_model
+
+        return validate_generate_model(model_dir, config)
     if config.backend not in BACKEND_FILES:
         raise PackageError(
             f"{config_path}: backend {config.backend!r} is not one g2trt packages ({list(BACKEND_FILES)})"
@@ -292,6 +362,28 @@ def _validate_model(model_dir: Path) -> None:
         check_contract(cfg, inputs, outputs, str(graph))
         _compare(config_path, "input", config.input, inputs)
         _compare(config_path, "output", config.output, outputs)
+    _check_batching(config_path, config, meta.get("engine"))
+
+
+def _check_batching(config_path: Path, config: Any, engine: dict[str, Any] | None) -> None:
+    """Profiles only for engines, every one of them named; max_batch_size within what the engine runs."""
+    named = [list(g.profile) for g in config.instance_group]
+    if engine is None:
+        if any(named):
+            raise PackageError(f"{config_path}: instance_group profile is for TensorRT engines only")
+        return
+    want = [str(p["index"]) for p in engine["profiles"]]
+    for got in named:
+        if sorted(got) != want:
+            raise PackageError(
+                f"{config_path}: instance_group profile {got} must name every engine profile {want} "
+                "(Triton uses profile 0 alone otherwise: decode would run on prefill tactics)"
+            )
+    if config.max_batch_size > engine["max_batch"]:
+        raise PackageError(
+            f"{config_path}: max_batch_size {config.max_batch_size} exceeds the engine's max batch "
+            f"{engine['max_batch']}"
+        )
 
 
 def _compare(config_path: Path, kind: str, declared: Any, actual: Sequence[Tensor]) -> None:

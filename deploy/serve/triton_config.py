@@ -48,9 +48,11 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
         ("count", 2, _F.TYPE_INT32, _F.LABEL_OPTIONAL, ""),
         ("gpus", 3, _F.TYPE_INT32, _F.LABEL_REPEATED, ""),
         ("kind", 4, _F.TYPE_ENUM, _F.LABEL_OPTIONAL, ".inference.ModelInstanceGroup.Kind"),
+        ("profile", 5, _F.TYPE_STRING, _F.LABEL_REPEATED, ""),  # TensorRT optimization profile indices
     ]),
     ("ModelParameter", [("string_value", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, "")]),
     ("ModelOperations", [("op_library_filename", 1, _F.TYPE_STRING, _F.LABEL_REPEATED, "")]),
+    ("ModelTransactionPolicy", [("decoupled", 1, _F.TYPE_BOOL, _F.LABEL_OPTIONAL, "")]),
     ("ModelConfig", [
         ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
         ("platform", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
@@ -63,6 +65,7 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
         ("parameters", 14, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, ".inference.ModelConfig.ParametersEntry"),
         ("backend", 17, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
         ("model_operations", 18, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".inference.ModelOperations"),
+        ("model_transaction_policy", 19, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".inference.ModelTransactionPolicy"),
     ]),
 ]  # fmt: skip
 

@@ -6,7 +6,8 @@ top-1 agreement (the argmax is the same token), mean KL(reference || candidate) 
 and KL say whether the model still predicts what the fp32 model predicts.
 
 Graphs that return logits for every position run the sequence as one prefill; last-logits-only graphs
-(`--last-logits-only`, what generation runs) are fed one token per step through their own KV cache.
+(`--last-logits-only`, what generation runs) are fed one token per step through their own KV cache
+(either contract: the caller's past, or the in-place buffers the runner allocates).
 On random weights this is a weak signal: their next-token distributions are flat, so small logit
 errors flip the argmax far more often than on a trained checkpoint, where the top token usually
 leads by a margin. Quote numbers from a real checkpoint before relying on them.
@@ -18,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from deploy.runners.base import Runner
+from deploy.runners.base import InplaceRunner, Runner, cache_sizes
 from export.config import Gemma2Config
 
 # Lowest teacher-forced top-1 agreement `g2trt verify` accepts per scheme. These catch a broken graph (a
@@ -46,8 +47,10 @@ def quality_ids(cfg: Gemma2Config, tokens: int = 512, seed: int = 0) -> np.ndarr
     return rng.integers(3, cfg.vocab_size, size=(1, tokens), dtype=np.int64)
 
 
-def position_logits(runner: Runner, ids: np.ndarray, stepwise: bool) -> np.ndarray:
+def position_logits(runner: Runner | InplaceRunner, ids: np.ndarray, stepwise: bool) -> np.ndarray:
     """Logits [tokens, V] (fp64) predicting each next token, teacher-forced on `ids` [1, tokens]."""
+    if runner.kv_cache == "inplace":
+        return _inplace_logits(runner, ids, stepwise)
     n = ids.shape[1]
     if not stepwise:
         mask = np.ones_like(ids)
@@ -60,6 +63,20 @@ def position_logits(runner: Runner, ids: np.ndarray, stepwise: bool) -> np.ndarr
         mask = np.ones((1, t + 1), np.int64)
         logits, past = runner.forward(ids[:, t : t + 1], mask, np.array([[t]], np.int64), past)
         rows.append(logits[0, -1].astype(np.float64))
+    return np.stack(rows)
+
+
+def _inplace_logits(runner: InplaceRunner, ids: np.ndarray, stepwise: bool) -> np.ndarray:
+    n = ids.shape[1]
+    length, ring = cache_sizes(runner.config, n, runner.full_sliding)
+    if not stepwise:
+        logits = runner.step(ids, np.arange(n, dtype=np.int64)[None], runner.allocate(1, length, ring))
+        if logits.shape[1] == n:
+            return logits[0].astype(np.float64)
+    cache = runner.allocate(1, length, ring)
+    rows = []
+    for t in range(n):  # astype copies: the runner reuses its logits array
+        rows.append(runner.step(ids[:, t : t + 1], np.array([[t]], np.int64), cache)[0, -1].astype(np.float64))
     return np.stack(rows)
 
 
@@ -78,7 +95,9 @@ def compare_logits(ref: np.ndarray, got: np.ndarray) -> Quality:
     )
 
 
-def teacher_forced(reference: Runner, candidate: Runner, ids: np.ndarray, stepwise: bool) -> Quality:
+def teacher_forced(
+    reference: Runner | InplaceRunner, candidate: Runner | InplaceRunner, ids: np.ndarray, stepwise: bool
+) -> Quality:
     return compare_logits(position_logits(reference, ids, stepwise), position_logits(candidate, ids, stepwise))
 
 

@@ -35,6 +35,13 @@ def runtime_export(tmp_path_factory: pytest.TempPathFactory, runtime_weights: Ra
 
 
 @pytest.fixture(scope="session")
+def runtime_inplace_export(tmp_path_factory: pytest.TempPathFactory, runtime_weights: RandomWeights) -> ExportResult:
+    """The same model exported with the in-place KV cache contract."""
+    options = ExportOptions(dtype="fp32", kv_cache="inplace")
+    return export_onnx(runtime_weights, tmp_path_factory.mktemp("runtime-inplace-onnx"), options)
+
+
+@pytest.fixture(scope="session")
 def runtime_target(tmp_path_factory: pytest.TempPathFactory, runtime_export: ExportResult):
     """`runtime_target("ort" | "trt")` -> model.onnx of the graph-pass output for that target (cached)."""
     cache: dict[str, Path] = {}

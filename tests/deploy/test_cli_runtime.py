@@ -75,7 +75,7 @@ def test_other_bad_input(tiny_checkpoint, tmp_path):
     one_line_error(run("generate", "--ids", "5 x"), "expected integers")
     one_line_error(run("generate", "--ids", "5", "--top-p", "0"), "--top-p must be in (0, 1]")
     one_line_error(run("generate", tiny_checkpoint, "--backend", "trt", "--ids", "5"), "needs an engine")
-    one_line_error(run("package", tiny_checkpoint, "--out", tmp_path / "repo"), "not a checkpoint")
+    one_line_error(run("package", tiny_checkpoint, "--out", tmp_path / "repo"), "package an ONNX model")
     one_line_error(run("bench", "--batch", "1,x"), "comma-separated list of int")
     one_line_error(run("bench", "--prompt", "1020", "--new", "8"), "exceeds the model's max_position_embeddings")
 
@@ -138,3 +138,49 @@ def test_trt_backend_without_a_gpu_is_one_line(runtime_export, tmp_path):
     write_engine_meta(engine, meta)
     one_line_error(run("generate", engine, "--backend", "trt", "--ids", "5 6"), "no CUDA GPU")
     one_line_error(run("generate", engine, "--backend", "ort", "--ids", "5 6"), "not an engine")
+
+
+# The in-place KV cache from the command line (the default of generate, bench and pipeline).
+
+
+def test_generate_defaults_to_the_inplace_cache_and_repeats(runtime_inplace_export, runtime_export):
+    ids = ["--ids", "5 6 7 8", "--ids", "9 10", "--max-new-tokens", "12", "--no-stop", "--json"]
+    inplace = run("generate", runtime_inplace_export.model_path, "--backend", "ort", *ids, "--repeat", "3")
+    dynamic = run("generate", runtime_export.model_path, "--backend", "ort", *ids)
+    torch_ = run("generate", "--backend", "torch", "--preset", "tiny", "--seed", "0", "--ids", "5 6", "--json")
+    for result in (inplace, dynamic, torch_):
+        assert result.exit_code == 0, result.output
+    a, b = json.loads(inplace.stdout), json.loads(dynamic.stdout)
+    assert a["kv_cache"] == "inplace" and b["kv_cache"] == "dynamic"
+    assert json.loads(torch_.stdout)["kv_cache"] == "inplace"  # PyTorch runs the in-place contract by default
+    assert [o["new_ids"] for o in a["outputs"]] == [o["new_ids"] for o in b["outputs"]]
+    assert len(a["runs"]) == 3 and all(len(r["step_s"]) == 11 for r in a["runs"])  # 3 timed runs after a warm-up
+    assert len(b["runs"]) == 1
+
+
+def test_contract_mismatch_and_a_cache_that_cannot_hold_the_generation(runtime_inplace_export, runtime_export):
+    ids = ("--backend", "ort", "--ids", "5 6")
+    one_line_error(
+        run("generate", runtime_inplace_export.model_path, *ids, "--kv-cache", "dynamic"),
+        "a graph of the inplace KV cache contract, but --kv-cache dynamic was asked for",
+    )
+    one_line_error(
+        run("generate", runtime_export.model_path, *ids, "--kv-cache", "inplace"),
+        "a graph of the dynamic KV cache contract, but --kv-cache inplace was asked for",
+    )
+    one_line_error(
+        run("generate", runtime_inplace_export.model_path, *ids, "--max-new-tokens", "1030"),
+        "exceeds the model's max_position_embeddings",
+    )
+
+
+def test_engine_profile_that_does_not_fix_the_cache(runtime_inplace_export, tmp_path):
+    from graph_passes import optimize
+
+    native = optimize(runtime_inplace_export.model_path, "trt-native", tmp_path / "native").model_path
+    engine = tmp_path / "e" / "m.engine"
+    one_line_error(
+        run("build", native, "--out", engine, "--sm", "89", "--min", "cache=64", "--max", "cache=128"),
+        "profile cache must be fixed",
+    )
+    assert not engine.parent.exists() or not any(engine.parent.iterdir())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -102,7 +104,20 @@ def test_bad_options(runtime_export, tmp_path):
             package(runtime_export.model_path, tmp_path / "repo", **kw)
 
 
-def fake_engine(runtime_export, tmp_path: Path, backend: str) -> Path:
+def planned_profiles(onnx_path: Path, batch: int = 8, decode_batch: int | None = None) -> tuple[dict, ...]:
+    """The two profiles `g2trt build` plans for this graph (deploy/engine/profiles.py), as its side file has them."""
+    from deploy.engine.onnx_info import inspect_onnx
+    from deploy.engine.profiles import make_ranges, plan_profiles
+
+    info = inspect_onnx(onnx_path)
+    prefill, decode = plan_profiles(info.inputs, make_ranges(maxs={"batch": batch}, max_positions=info.max_positions))
+    if decode_batch is not None:  # a decode profile with another max batch (not what g2trt build makes)
+        decode = type(decode)(decode.name, {n: (lo, mid, (decode_batch, *hi[1:])) for n, (lo, mid, hi) in
+                                            decode.shapes.items()})  # fmt: skip
+    return (prefill.to_json(), decode.to_json())
+
+
+def fake_engine(runtime_export, tmp_path: Path, backend: str, profiles: tuple[dict, ...] | None = None) -> Path:
     """Bytes standing in for a plan, with the side file `g2trt build` writes (packaging never deserializes)."""
     engine = tmp_path / f"{backend}.plan"
     engine.write_bytes(b"ftrt" + bytes(range(256)) * 4)
@@ -114,7 +129,7 @@ def fake_engine(runtime_export, tmp_path: Path, backend: str) -> Path:
         dtype="fp32",
         onnx=str(runtime_export.model_path),
         onnx_sha256="",
-        profiles=(),
+        profiles=planned_profiles(runtime_export.model_path) if profiles is None else profiles,
         plugins={},
         engine_bytes=size,
         engine_sha256=digest,
@@ -132,6 +147,10 @@ def test_engine_repository(runtime_export, tmp_path):
     config = read_config(model_dir)
     assert (config.backend, config.default_model_filename) == ("tensorrt", "model.plan")
     assert [g.kind for g in config.instance_group] == [tc.INSTANCE_KINDS["KIND_GPU"]]
+    assert [list(g.profile) for g in config.instance_group] == [["0", "1"]]  # prefill and decode
+    assert config.max_batch_size == 8  # the profiles' max batch (g2trt build's default)
+    meta = json.loads((model_dir / "g2trt.json").read_text())
+    assert meta["requires"] == {"tensorrt": "==10.15.1"}
     inputs, outputs = model_io(runtime_export.model_path)
     assert [d.name for d in config.input] == [t.name for t in inputs]
     assert [d.name for d in config.output] == [t.name for t in outputs]
@@ -149,3 +168,84 @@ def test_rtx_and_corrupt_engines_are_refused(runtime_export, tmp_path):
         f.write(b"x")
     with pytest.raises(G2trtError, match="corrupt or truncated"):
         package(engine, tmp_path / "repo")
+
+
+def test_onnx_repository_records_what_it_requires_and_names_no_profile(runtime_target, tmp_path):
+    package(runtime_target("ort"), tmp_path / "repo", name="ort")
+    meta = json.loads((tmp_path / "repo" / "ort" / "g2trt.json").read_text())
+    assert meta["requires"] == {"onnxruntime": ">=1.32"} and "engine" not in meta
+    config = read_config(tmp_path / "repo" / "ort")
+    assert config.max_batch_size == 8 and [list(g.profile) for g in config.instance_group] == [[]]
+
+
+def test_the_cpu_form_of_the_ort_target_gets_cpu_instances(runtime_export, runtime_target, tmp_path):
+    """Triton's GPU instances run onnxruntime's CUDA kernel, which rejects the CPU form's attention_bias."""
+    package(runtime_target("ort"), tmp_path / "repo", name="auto")
+    assert [g.kind for g in read_config(tmp_path / "repo" / "auto").instance_group] == [tc.INSTANCE_KINDS["KIND_CPU"]]
+    with pytest.raises(PackageError, match="optimize with --target ort --provider cuda for GPU instances"):
+        package(runtime_target("ort"), tmp_path / "repo", name="gpu", kind="gpu")
+    from graph_passes import optimize
+
+    cuda = optimize(runtime_export.model_path, "ort", tmp_path / "ort-cuda", provider="cuda").model_path
+    package(cuda, tmp_path / "repo", name="cuda", kind="gpu")
+    config = read_config(tmp_path / "repo" / "cuda")
+    assert [g.kind for g in config.instance_group] == [tc.INSTANCE_KINDS["KIND_GPU"]]
+    assert json.loads((tmp_path / "repo" / "cuda" / "g2trt.json").read_text())["requires"] == {
+        "onnxruntime": ">=1.31.1"
+    }
+
+
+def test_the_batch_cap_is_the_smallest_profile_max(runtime_export, tmp_path):
+    profiles = planned_profiles(runtime_export.model_path, batch=6, decode_batch=4)
+    engine = fake_engine(runtime_export, tmp_path, "tensorrt", profiles)
+    package(engine, tmp_path / "repo")
+    assert read_config(tmp_path / "repo" / "gemma2").max_batch_size == 4
+    with pytest.raises(PackageError, match=r"--max-batch-size 5 exceeds the engine's max batch 4 \(profile 'decode'\)"):
+        package(engine, tmp_path / "repo2", max_batch_size=5)
+    assert not (tmp_path / "repo2").exists()
+
+
+@pytest.fixture(scope="module")
+def rtx_engine(runtime_target, tmp_path_factory) -> Path:
+    """A real TensorRT-RTX engine of the untied tiny model, max batch 3; its side file says "tensorrt"
+    (the flavour Triton runs), as a full-TensorRT build would: `g2trt build` plans both the same way."""
+    from deploy.engine.build import BuildOptions, build_engine
+    from deploy.engine.meta import load_engine_meta
+
+    engine = tmp_path_factory.mktemp("rtx") / "model.plan"
+    ranges = {"opt": {"batch": 1, "seq": 16, "past": 32}, "max": {"batch": 3, "seq": 32, "past": 64}}
+    build_engine(runtime_target("trt-native"), engine, BuildOptions("tensorrt-rtx", (89,), **ranges))
+    write_engine_meta(engine, dataclasses.replace(load_engine_meta(engine), backend="tensorrt"))
+    return engine
+
+
+def test_engine_profiles_and_batch_cap_of_a_real_build(rtx_engine, tmp_path):
+    package(rtx_engine, tmp_path / "repo")
+    model_dir = tmp_path / "repo" / "gemma2"
+    config = read_config(model_dir)
+    assert [list(g.profile) for g in config.instance_group] == [["0", "1"]]
+    assert config.max_batch_size == 3  # the engine's --max batch, not the default 8
+    engine = json.loads((model_dir / "g2trt.json").read_text())["engine"]
+    assert [(p["index"], p["name"], p["max_batch"]) for p in engine["profiles"]] == [
+        (0, "prefill", 3),
+        (1, "decode", 3),
+    ]
+    package(rtx_engine, tmp_path / "two", max_batch_size=2)
+    assert read_config(tmp_path / "two" / "gemma2").max_batch_size == 2
+    with pytest.raises(PackageError, match="--max-batch-size 8 exceeds the engine's max batch 3"):
+        package(rtx_engine, tmp_path / "eight", max_batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('profile: "1"\n', ""), "must name every engine profile ['0', '1']"),
+        (lambda t: t.replace("max_batch_size: 3", "max_batch_size: 8"), "max_batch_size 8 exceeds the engine's max"),
+    ],
+)
+def test_validation_catches_profiles_and_batch_sizes_that_lie(rtx_engine, tmp_path, edit, message):
+    package(rtx_engine, tmp_path / "repo")
+    config = tmp_path / "repo" / "gemma2" / "config.pbtxt"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(PackageError, match=re.escape(message)):
+        validate_repository(tmp_path / "repo")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from deploy.verify.parity import position_ids
 from export.config import GLOBAL, SLIDING, Gemma2Config, preset
-from export.model import Gemma2ForCausalLM, attention_bias, sliding_mask, softcap
+from export.model import Gemma2ForCausalLM, attention_bias, rms_normalize, sliding_mask, softcap
 from export.weights import RandomWeights, load_model
 from tests.conftest import hf_model
 
@@ -127,6 +127,29 @@ def test_parity_with_transformers_tiny_with_active_softcaps() -> None:
     assert logits.abs().max() > 20  # the final cap (30) is in play
 
 
+def test_parity_with_transformers_when_query_pre_attn_scalar_is_not_head_dim() -> None:
+    # 27B's case (144 vs head_dim 128): the score scale must come from query_pre_attn_scalar.
+    cfg = preset("tiny").replace(query_pre_attn_scalar=144)
+    assert cfg.attn_scale != cfg.head_dim**-0.5
+    prefill, decode = _compare_with_hf(cfg, cfg.sliding_window + 5, scale=2.0)
+    assert prefill <= BOUND and decode <= BOUND, (prefill, decode)
+
+
+def test_rmsnorm_scales_by_one_plus_weight_as_transformers_does() -> None:
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    from export.model import RMSNorm
+
+    x = torch.randn(2, 5, 64) * 3
+    ours, theirs = RMSNorm(64, 1e-6), Gemma2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        w = torch.randn(64) * 0.5  # Gemma stores w and scales by (1 + w); w = 0 is the identity
+        ours.weight.copy_(w)
+        theirs.weight.copy_(w)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(ours(x), rms_normalize(x, 1e-6) * w)  # scaling by w alone would differ
+
+
 def test_trimmed_sliding_cache_matches_full_cache() -> None:
     cfg = preset("tiny")
     model = load_model(RandomWeights(cfg))
@@ -163,3 +186,37 @@ def test_meta_build_has_no_weights() -> None:
     with torch.device("meta"):
         model = Gemma2ForCausalLM(preset("27b"))
     assert all(p.is_meta for p in model.parameters())
+
+
+# 9B's width and heads, two layers (sliding, global), a small vocab: sqrt(3584) = 59.87 is not exact in fp16
+# (59.875) or bf16 (59.75), so HF's rounding of the embedding scale to the weight dtype shows; 2B's
+# sqrt(2304) = 48 is exact in every dtype and would hide it, as tiny's sqrt(64) does.
+REAL_WIDTH = preset("9b").replace(num_hidden_layers=2, vocab_size=512, intermediate_size=512)
+# max |Δlogit| / max |logit| vs transformers run in the same dtype, prefill with left padding. Measured
+# (torch 2.13 CPU): fp16 0.0152 / 22.1 = 6.9e-4, bf16 0.101 / 22.0 = 4.6e-3; bounds ~3x and ~2x that.
+HALF_REL_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_parity_with_transformers_at_a_real_width(dtype: torch.dtype) -> None:
+    cfg = REAL_WIDTH
+    assert float(torch.tensor(cfg.embed_scale, dtype=dtype)) != cfg.embed_scale  # the premise
+    hf, ours = hf_model(cfg, dtype=dtype), load_model(RandomWeights(cfg), dtype)
+    seen: dict[str, torch.Tensor] = {}
+    ours.model.layers[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("ours", a[0]))
+    hf.model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("hf", a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    pos = torch.from_numpy(position_ids(am.numpy()))
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=am, position_ids=pos).logits.float()
+        got, _ = ours(ids, am, pos, ours.empty_past(2))
+    # The scaled embeddings entering layer 0 are HF's bit for bit (fp16 residuals are kept in fp32 here:
+    # the product of two fp16 values is exact in fp32, so rounding it back must give HF's fp16 product).
+    assert torch.equal(seen["ours"].to(dtype), seen["hf"])
+    valid = am.bool()
+    rel = (got - want)[valid].abs().max() / want[valid].abs().max()
+    assert rel <= HALF_REL_BOUND[dtype], rel

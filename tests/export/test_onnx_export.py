@@ -2,8 +2,10 @@
 contract names and dynamic dims, full onnx.checker, manifest, atomic writes, fp16 without overflow.
 
 Bounds (max |logit diff| on valid positions, prefill + 3 decode steps, batch 2 with left padding, a
-prompt longer than the window): fp32 <= 1e-4 vs the fp32 PyTorch model; fp16 <= 5e-2 and bf16 <= 2.5e-1
-vs the fp32 PyTorch model (the tolerance table lives in deploy/verify/parity.py; measured values are ~10x lower).
+prompt longer than the window): fp32 <= 1e-4 vs the fp32 PyTorch model; fp16 and bf16 relative to the
+reference's largest |logit|, on the tiny model with both soft-caps active (weights x4), where a wrong cap
+moves logits by units: fp16 <= 1.5e-2 (measured 8.5e-3), bf16 <= 4e-2 (measured 2.3e-2). The table and how
+it was measured: deploy/verify/parity.py.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from export.config import SLIDING, preset
 from export.manifest import sha256
 from export.onnx_export import ExportOptions, export_onnx
 from export.weights import RandomWeights, load_model
+from tests.conftest import CAPPED_SCALE
 
 
 def _reference(cfg, seed=0, scale=1.0) -> TorchRunner:
@@ -105,6 +108,18 @@ def test_fp32_export_parity_on_random_configs(tmp_path: Path, shape: dict) -> No
     assert report.worst <= 1e-4, report.diffs
 
 
+def test_norm_weights_are_folded_to_one_plus_weight(tiny_export) -> None:
+    """The export folds each RMSNorm's `1 + w` into an initializer named `<weight>.plus_one`."""
+    model = onnx.load(str(tiny_export("fp32").model_path))  # with the external data
+    src = RandomWeights(preset("tiny"))
+    folded = {t.name: t for t in model.graph.initializer if t.name.endswith(".plus_one")}
+    assert len(folded) == 4 * 4 + 1  # 4 norms per layer and the final one
+    for name, tensor in folded.items():
+        w = src.get(name.removesuffix(".plus_one")).float().numpy()
+        assert np.abs(w).max() > 0  # random norm weights: 1 + w and w differ
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), 1.0 + w)
+
+
 def test_trimmed_sliding_cache_runs_through_the_same_graph(tiny_export, tiny_cfg) -> None:
     ort = OrtRunner(tiny_export("fp32").model_path, tiny_cfg)
     w = tiny_cfg.sliding_window
@@ -137,23 +152,30 @@ def test_last_logits_only_export(tiny_export, tiny_cfg) -> None:
     assert np.abs(a[:, -1:] - b).max() <= 1e-5
 
 
+def _capped_premise(report) -> None:
+    """The reference's logits reach the final cap's range (|logit| > 20 of 30): the caps are in play."""
+    assert max(d.ref_max_abs for d in report.diffs) > 20
+
+
 def test_fp16_export_runs_in_onnxruntime(tiny_export, tiny_cfg) -> None:
-    result = tiny_export("fp16")
+    result = tiny_export("fp16", scale=CAPPED_SCALE)
     onnx.checker.check_model(str(result.model_path), full_check=True)
     ort = OrtRunner(result.model_path, tiny_cfg)
     assert ort.kv_dtype == np.float16
-    report = compare(_reference(tiny_cfg), ort, parity_cases(tiny_cfg))
-    assert report.worst <= TOLERANCE["fp16"], report.diffs
+    report = compare(_reference(tiny_cfg, scale=CAPPED_SCALE), ort, parity_cases(tiny_cfg))
+    _capped_premise(report)
+    assert TOLERANCE["fp16"].measure(report) <= TOLERANCE["fp16"].value, report.diffs
 
 
 def test_bf16_export_checks_and_runs_in_the_onnx_reference_evaluator(tiny_export, tiny_cfg) -> None:
     # onnxruntime's CPU provider has no bf16 kernels; onnx's reference evaluator does.
-    result = tiny_export("bf16")
+    result = tiny_export("bf16", scale=CAPPED_SCALE)
     onnx.checker.check_model(str(result.model_path), full_check=True)
     runner = OnnxReferenceRunner(result.model_path, tiny_cfg)
     cases = parity_cases(tiny_cfg)[:1]
-    report = compare(_reference(tiny_cfg), runner, cases, decode_steps=2)
-    assert report.worst <= TOLERANCE["bf16"], report.diffs
+    report = compare(_reference(tiny_cfg, scale=CAPPED_SCALE), runner, cases, decode_steps=2)
+    _capped_premise(report)
+    assert TOLERANCE["bf16"].measure(report) <= TOLERANCE["bf16"].value, report.diffs
 
 
 class _Overflowing:
@@ -201,7 +223,7 @@ def test_fp16_export_survives_activations_beyond_fp16_range(tmp_path: Path) -> N
     cases = parity_cases(cfg)[:1]
     for runner in (OnnxReferenceRunner(ours.model_path, cfg), OrtRunner(ours.model_path, cfg)):
         report = compare(reference, runner, cases, decode_steps=1)
-        assert report.worst <= TOLERANCE["fp16"], (runner.name, report.diffs)
+        assert TOLERANCE["fp16"].measure(report) <= TOLERANCE["fp16"].value, (runner.name, report.diffs)
 
 
 def test_manifest_describes_and_hashes_the_export(tiny_export, tiny_cfg) -> None:

@@ -1,5 +1,7 @@
 """insert_sliding_window_attention: the attention core -> one SlidingWindowAttention node whose window
-comes from the mask subgraph and must agree with the config; an SDPA-style core is not matched."""
+comes from the mask subgraph and must agree with the config; an SDPA-style core is not matched. The
+core's scale is query_pre_attn_scalar ** -0.5 with query_pre_attn_scalar = 144 != head_dim (27B's), so the
+node must carry the graph's scale, and a config implying head_dim ** -0.5 must be refused."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tests.graph_passes.graphs import FP32_BOUND, apply, max_output_diff, ops, p
 from trt_plugins.attention import SPEC
 
 H, KV, D = 4, 2, 8
+QPAS = 144  # query_pre_attn_scalar, not head_dim
 NAMES_IN = ["query", "key", "value", "past_key_values.0.key", "past_key_values.0.value", "attention_mask"]
 NAMES_OUT = ["out", "present.0.key", "present.0.value"]
 
@@ -38,7 +41,7 @@ class Core(nn.Module):
             rep = q.shape[1] // k.shape[1]
             out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), bias)
         else:
-            out = attention_core(q, k, v, bias, D**-0.5, self.cap)
+            out = attention_core(q, k, v, bias, QPAS**-0.5, self.cap)
         return out, k, v
 
 
@@ -93,7 +96,7 @@ def test_core_becomes_one_node_with_the_masks_window(core) -> None:
     fused, (report,) = apply(core, swa.PASS)
     assert report.sites == ["layer 0"] and ops(fused) == [SPEC.name]
     attrs = SPEC.parse({a.name: onnx.helper.get_attribute_value(a) for a in fused.graph.node[0].attribute})
-    assert attrs.pop("scale") == pytest.approx(D**-0.5, rel=1e-7)  # ONNX float attributes are fp32
+    assert attrs.pop("scale") == pytest.approx(QPAS**-0.5, rel=1e-7)  # ONNX float attributes are fp32
     want = SPEC.attributes(num_heads=H, kv_heads=KV, head_dim=D, scale=0.0, softcap=5.0, window=4)
     assert attrs == {k: v for k, v in want.items() if k != "scale"}
     feeds = _feeds()
@@ -104,19 +107,23 @@ def test_core_becomes_one_node_with_the_masks_window(core) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def _cfg(tiny_cfg, **changes):
+    base = dict(num_attention_heads=H, num_key_value_heads=KV, head_dim=D, query_pre_attn_scalar=QPAS)
+    base |= dict(attn_logit_softcapping=5.0, sliding_window=4)
+    return tiny_cfg.replace(**(base | changes))
+
+
 def test_config_that_disagrees_with_the_mask_is_rejected(core, tiny_cfg) -> None:
-    cfg = tiny_cfg.replace(
-        num_attention_heads=H,
-        num_key_value_heads=KV,
-        head_dim=D,
-        query_pre_attn_scalar=D,
-        attn_logit_softcapping=5.0,
-        sliding_window=4,
-        layer_types=(GLOBAL,) * 4,
-    )
-    out, (report,) = apply(core, swa.PASS, config=cfg)
+    out, (report,) = apply(core, swa.PASS, config=_cfg(tiny_cfg, layer_types=(GLOBAL,) * 4))
     assert report.count == 0 and ops(out) == ops(core)
     assert "layer 0: mask window 4" in report.rejected[0].reason and report.rejected[0].label == "layer 0"
+
+
+def test_config_whose_scale_is_head_dims_is_rejected(core, tiny_cfg) -> None:
+    _, (report,) = apply(core, swa.PASS, config=_cfg(tiny_cfg))
+    assert report.count == 1  # the graph's scale agrees with query_pre_attn_scalar 144 ...
+    _, (report,) = apply(core, swa.PASS, config=_cfg(tiny_cfg, query_pre_attn_scalar=D))
+    assert report.count == 0 and "score scale" in report.rejected[0].reason  # ... and not with head_dim
 
 
 def test_sdpa_core_is_not_matched(tmp_path) -> None:

@@ -3,8 +3,9 @@ longer than the window, against the unoptimized export in onnxruntime.
 
 Bounds (max |logit diff| on valid positions): fp32 <= 1e-4 (measured ~1e-5); fp16 <= 1e-2 against the
 unoptimized fp16 export (measured ~4e-3: fp16 rounding of a different op order; both stay within
-deploy/verify/parity.py's 5e-2 of the fp32 PyTorch model). Random configs cover no GQA expansion (KV == H), no
-soft-caps, an odd layer count, a global first layer and query_pre_attn_scalar != head_dim.
+deploy/verify/parity.py's fp16 bound against the fp32 PyTorch model). Random configs cover no GQA
+expansion (KV == H), no soft-caps, an odd layer count, a global first layer and query_pre_attn_scalar !=
+head_dim.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import pytest
 from click.testing import CliRunner
 
 from deploy.cli import cli
-from deploy.runners.ort_runner import OrtRunner
+from deploy.runners.ort_runner import OrtRunner, check_requires, default_providers, providers_for
 from deploy.verify.model import VerifyError, candidate_runner, verify_model
-from deploy.verify.parity import compare, parity_cases
+from deploy.verify.parity import Case, compare, parity_cases
 from export.config import GLOBAL, SLIDING, Gemma2Config
+from export.errors import G2trtError
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_onnx
 from export.weights import RandomWeights
 from graph_passes import TARGETS, OptimizeError, SiteCountError, optimize
+from graph_passes.graph import all_nodes
 from trt_plugins.spec import DOMAIN
 
 FP32_BOUND, FP16_BOUND = 1e-4, 1e-2
@@ -50,6 +53,52 @@ def test_fp16_target_matches_the_export(target: str, tiny_export, tiny_cfg, tmp_
     plain = tiny_export("fp16").model_path
     report = optimize(plain, target, tmp_path / target)
     assert _parity(plain, Path(report.model_path), tiny_cfg) <= FP16_BOUND
+
+
+def _unpadded_cases(cfg: Gemma2Config) -> list[Case]:
+    """parity_cases without the padding: the batches whose one-token steps the CUDA form runs through GQA."""
+    return [Case(c.name + ", no padding", c.input_ids, np.ones_like(c.attention_mask)) for c in parity_cases(cfg)]
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [("fp32", FP32_BOUND), ("fp16", FP16_BOUND)])
+def test_ort_target_for_the_cuda_provider(dtype: str, bound: float, tiny_export, tiny_cfg, tmp_path) -> None:
+    """The CUDA form: recorded in the manifest, no GQA input the CUDA kernel rejects, and as exact on
+    onnxruntime's CPU provider as the CPU form, for padded (standard ops) and unpadded (GQA) batches."""
+    plain = tiny_export(dtype).model_path
+    report = optimize(plain, "ort", tmp_path / "ort", provider="cuda")
+    manifest = read_manifest(tmp_path / "ort")
+    assert (manifest["target"], manifest["provider"]) == ("ort", "cuda")
+    assert manifest["requires"] == {"onnxruntime": ">=1.31.1"}
+    assert "lower_attention_ort_cuda" in [p["name"] for p in manifest["passes"]]
+    proto = onnx.load(report.model_path, load_external_data=False)
+    gqa = [n for n in all_nodes(proto.graph) if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == tiny_cfg.num_hidden_layers
+    assert all(len([i for i in n.input if i]) == 7 and len(n.input) <= 7 for n in gqa)
+    reference = OrtRunner(plain, tiny_cfg, name="plain export", optimize=False)
+    candidate = OrtRunner(report.model_path, tiny_cfg)
+    for cases in (parity_cases(tiny_cfg), _unpadded_cases(tiny_cfg)):
+        assert compare(reference, candidate, cases).worst <= bound
+
+
+def test_manifest_provider_picks_the_runners_providers_and_requirements_are_checked(
+    tiny_export, tmp_path, monkeypatch
+) -> None:
+    import onnxruntime
+
+    plain = tiny_export("fp32").model_path
+    optimize(plain, "ort", tmp_path / "cpu")
+    cpu = read_manifest(tmp_path / "cpu")
+    assert (cpu["provider"], cpu["requires"]) == ("cpu", {"onnxruntime": ">=1.32"})
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [*both, "AzureExecutionProvider"])
+    assert default_providers() == both  # as onnxruntime-gpu on a GPU machine would offer them
+    assert providers_for(cpu) == ["CPUExecutionProvider"]  # its GQA's attention_bias: the CUDA kernel refuses it
+    assert providers_for({**cpu, "provider": "cuda"}) == both  # the CUDA form: CUDA first
+    assert providers_for(read_manifest(plain)) == both
+    check_requires(cpu, "m.onnx", installed="1.32.0")
+    with pytest.raises(G2trtError, match=r"m.onnx: needs onnxruntime >=1.32, this is 1.31.1: .*--provider cuda"):
+        check_requires(cpu, "m.onnx", installed="1.31.1")
+    check_requires(read_manifest(plain), "m.onnx", installed="1.0")  # the export requires nothing more
 
 
 def random_config(seed: int) -> Gemma2Config:
@@ -160,6 +209,17 @@ def test_cli_optimize_then_verify(tiny_export, tmp_path) -> None:
     assert "ok: max |Δlogit|" in res.output and "SlidingWindowAttention" not in res.output
     bad = runner.invoke(cli, ["optimize", str(plain), "--target", "nope", "--out", str(tmp_path / "n")])
     assert bad.exit_code != 0
+
+
+def test_cli_provider_option(tiny_export, tmp_path) -> None:
+    plain = str(tiny_export("fp32").model_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["optimize", plain, "--target", "ort", "--provider", "cuda", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "lower_attention_ort_cuda" in res.output and read_manifest(tmp_path / "o")["provider"] == "cuda"
+    bad = runner.invoke(cli, ["optimize", plain, "--target", "trt", "--provider", "cuda", "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 1 and "--provider cuda applies to the ort target only" in bad.output
+    assert not (tmp_path / "t").exists()
 
 
 def test_verify_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:

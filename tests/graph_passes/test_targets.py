@@ -59,3 +59,15 @@ def test_every_pass_has_its_module_pattern_and_test(name: str) -> None:
 def test_unknown_target_is_a_one_line_error() -> None:
     with pytest.raises(OptimizeError, match="unknown target 'tensorrt'; choose from trt, ort, trt-native"):
         passes_for("tensorrt")
+
+
+def test_the_ort_target_has_a_form_per_execution_provider() -> None:
+    cpu, cuda = passes_for("ort", "cpu"), passes_for("ort", "cuda")
+    assert cpu == TARGETS["ort"]
+    assert [p.name for p in cuda] == [
+        "lower_attention_ort_cuda" if p.name == "lower_attention_ort" else p.name for p in cpu
+    ]
+    with pytest.raises(OptimizeError, match="unknown provider 'rocm'; choose from cpu, cuda"):
+        passes_for("ort", "rocm")
+    with pytest.raises(OptimizeError, match="--provider cuda applies to the ort target only"):
+        passes_for("trt", "cuda")

@@ -44,6 +44,10 @@ REQUESTS = [
     KernelRequest("SlidingWindowAttention", "bf16", {**ATTN_27B, "window": 4096}),
     KernelRequest("SlidingWindowAttention", "fp16", {**ATTN_27B, "window": 0}),
     KernelRequest("SlidingWindowAttention", "bf16", {**ATTN_2B, "head_dim": 80, "softcap": 0.0, "window": 16}),
+    KernelRequest("SlidingWindowAttentionInplace", "fp32", {**ATTN_2B, "window": 0}),
+    KernelRequest("SlidingWindowAttentionInplace", "fp16", {**ATTN_2B, "window": 4096}),
+    KernelRequest("SlidingWindowAttentionInplace", "bf16", {**ATTN_27B, "window": 4096}),
+    KernelRequest("SlidingWindowAttentionInplace", "fp16", {**ATTN_27B, "head_dim": 80, "window": 0}),
 ]
 
 
@@ -94,6 +98,11 @@ def test_dtypes_reach_the_signature(compiled: list[CompiledKernel]) -> None:
     attn = next(k for k in compiled if k.plugin == "SlidingWindowAttention" and k.dtype == "bf16")
     assert attn.signature["mask_ptr"] == "*i64" and attn.signature["out_ptr"] == "*bf16"
     assert attn.constexprs["BLOCK_D"] == 128 and attn.constexprs["WINDOW"] == 4096
+    inplace = next(k for k in compiled if k.plugin == "SlidingWindowAttentionInplace" and k.dtype == "bf16")
+    assert [inplace.signature[n] for n in (*inplace.input_args, *inplace.output_args)] == [
+        "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*bf16", "*bf16"
+    ]  # fmt: skip
+    assert inplace.scalar_args == ("S", "C") and inplace.constexprs["WINDOW"] == 4096
 
 
 class Sym:
@@ -133,6 +142,13 @@ def test_grid_and_scalars_are_symbolic_in_the_input_shapes(compiled: list[Compil
         8,
         1,
     )
+    inplace = next(k for k in compiled if k.plugin == "SlidingWindowAttentionInplace" and k.dtype == "fp16")
+    cache, pos = ["B", "KV", "C", "D"], ["B", "S"]
+    shapes = [[Sym(d) for d in s] for s in (q, kv, kv, cache, cache, pos)]
+    bm, cm = inplace.constexprs["BLOCK_M"], inplace.constexprs["COPY_M"]
+    gx, gy, gz = inplace.grid(shapes, sym_cdiv)  # no cache-length term: decode launches no per-slot programs
+    assert (gx.text, gy.text, gz) == (f"(cdiv((S * 2), {bm}) + cdiv(S, {cm}))", "(B * 4)", 1)
+    assert [s.text for s in inplace.scalars(shapes)] == ["S", "C"]
     norm = next(k for k in compiled if k.plugin == "SandwichRMSNorm")
     x = [Sym("B"), Sym("S"), 2304]
     assert norm.grid([x, x, [2304], [2304]], sym_cdiv)[0].text == "(B * S)" and norm.scalars([x]) == ()
@@ -145,10 +161,14 @@ def test_model_requests_cover_a_gemma_export() -> None:
         "SandwichRMSNorm",
         "SlidingWindowAttention",
         "SlidingWindowAttention",
+        "SlidingWindowAttentionInplace",  # both KV-cache contracts by default
+        "SlidingWindowAttentionInplace",
     ]
     assert reqs[0].dtype == "fp32" and reqs[0].params["n_cols"] == 256000  # logits are fp32 in every export
     assert reqs[1].params["tensor_dtypes"]["residual"] == "fp32"  # fp16 exports keep an fp32 residual stream
-    assert sorted(r.params["window"] for r in reqs[2:]) == [0, 4096]
+    assert [r.params["window"] for r in reqs[2:]] == [0, 4096, 0, 4096]
+    inplace = model_requests(preset("2b"), "fp16", kv_caches=("inplace",))
+    assert [r.plugin for r in inplace[2:]] == ["SlidingWindowAttentionInplace"] * 2
     assert len(default_requests()) == len({r.describe() for r in default_requests()})
 
 
@@ -186,6 +206,17 @@ def test_a_kernel_over_the_shared_memory_limit_fails_loudly() -> None:
             {**ATTN_2B, "tensor_dtypes": {"attention_mask": "fp16"}},
             "input 'attention_mask': dtype 'fp16' not supported",
         ),
+        (
+            ("SlidingWindowAttentionInplace", 80, "fp16"),
+            {**ATTN_2B, "tensor_dtypes": {"position_ids": "fp16"}},
+            "input 'position_ids': dtype 'fp16' not supported",
+        ),
+        (
+            ("SlidingWindowAttentionInplace", 80, "fp16"),
+            {**ATTN_2B, "tensor_dtypes": {"past_key": "fp32"}},
+            "must share one dtype",
+        ),
+        (("SlidingWindowAttentionInplace", 80, "fp16"), {**ATTN_2B, "kv_heads": 3}, "multiple of kv_heads"),
     ],
 )
 def test_bad_requests_are_one_line_errors(args: tuple, params: dict, message: str) -> None:
@@ -211,4 +242,9 @@ def test_write_kernels_and_cli(compiled: list[CompiledKernel], tmp_path) -> None
     run = CliRunner().invoke(cli, ["kernels", "--out", str(tmp_path / "cli"), "--preset", "tiny", "--sm", "86"])
     assert run.exit_code == 0, run.output
     plugins = sorted(e["plugin"] for e in json.loads((tmp_path / "cli" / "kernels.json").read_text()))
-    assert plugins == ["SandwichRMSNorm", "SlidingWindowAttention", "SlidingWindowAttention", "SoftCap"]
+    assert plugins == [
+        "SandwichRMSNorm",
+        *["SlidingWindowAttention"] * 2,
+        *["SlidingWindowAttentionInplace"] * 2,  # sliding and global, for the in-place contract
+        "SoftCap",
+    ]

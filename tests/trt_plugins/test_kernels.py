@@ -26,6 +26,8 @@ ROOT = HERE.parents[1]
         "sandwich_rmsnorm",
         "attention_cases",
         "attention_random or window_blocks or rejects or refuse",
+        "inplace_cases or inplace_generation",
+        "inplace_random or inplace_reads or inplace_bad",
     ],
 )
 def test_kernels_match_reference_under_interpreter(selection: str, tmp_path: Path) -> None:

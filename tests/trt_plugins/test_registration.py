@@ -1,16 +1,15 @@
-"""The full-TensorRT plugin registration, as far as it runs without TensorRT: everything it derives from
-g2trt's own code (signatures from the specs, shape/dtype rules, kernel parameters, the PTX and launch it
-hands over), driven through a stand-in for `tensorrt.plugin` that records what would be registered.
-TensorRT itself never runs here; docs/build.md says so."""
+"""The full-TensorRT plugin registration through TensorRT 11.4's own `tensorrt.plugin` (the pure-Python
+layer of the `tensorrt-cu13-bindings` wheel: its decorators, validators and AOT plugin class), over a
+stand-in for the compiled module (tests/trt_plugins/real_tensorrt_plugin.py): signatures, shape/dtype
+rules, kernel parameters, the PTX and launch TensorRT would take. TensorRT's C++ builder never runs
+here; docs/build.md says so."""
 
 from __future__ import annotations
 
 import inspect
 import subprocess
 import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -20,6 +19,7 @@ import triton
 from onnx import helper
 
 from tests.deploy.build_graphs import attention_node, softcap_graph
+from tests.trt_plugins.real_tensorrt_plugin import build_time_calls, native_stand_in, real_tensorrt_plugin
 from trt_plugins import PLUGINS, attention, sandwich_rmsnorm, softcap
 from trt_plugins.aot import compile_kernel
 from trt_plugins.kernels import KERNELS
@@ -75,64 +75,15 @@ def test_trim_refuses_to_drop_a_parameter_the_kernel_reads():
     assert trim_ptx_params(ptx, "k", 2).count("k_param_") == 3
 
 
-# --- a stand-in for tensorrt.plugin: records registrations, evaluates shapes on ints -------------------
+# --- the registration through TensorRT 11.4's own tensorrt.plugin (tests/trt_plugins/real_tensorrt_plugin.py) --
 
 
-class Dim(int):
-    """A static dim as TensorRT's ShapeExpr presents it."""
-
-    is_constant = True
-
-    def constant_value(self) -> int:
-        return int(self)
-
-
-class DynDim(int):
-    """A dynamic dim (its value is only used for the int arithmetic of this stand-in)."""
-
-    is_constant = False
-
-
-class TensorDesc:
-    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
-        self.shape_expr, self.dtype = shape, dtype
-
-
-class LaunchParams:
-    grid_x = grid_y = grid_z = block_x = shared_mem = 1
-
-
-FAKE_TRT = types.SimpleNamespace(float32="float32", float16="float16", bfloat16="bfloat16", int64="int64")
-
-
-def fake_trtp(registry: dict[str, dict[str, Any]]) -> Any:
-    def decorator(kind: str):
-        return lambda pid: lambda fn: registry.setdefault(pid, {}).__setitem__(kind, fn) or fn
-
-    return types.SimpleNamespace(
-        TensorDesc=TensorDesc,
-        ShapeExprs=type("ShapeExprs", (tuple,), {}),
-        from_shape_expr=lambda shape, dtype: (tuple(shape), dtype),
-        register=decorator("register"),
-        aot_impl=decorator("aot_impl"),
-        cdiv=int_cdiv,
-        KernelLaunchParams=LaunchParams,
-        SymInt32=int,
-        SymIntExprs=types.SimpleNamespace(from_tuple=tuple),
-    )
-
-
-def check_signatures(spec: Any, fns: dict[str, Any]) -> None:
-    """The schema tensorrt.plugin validates: TensorDesc inputs then typed attributes; aot adds outputs, tactic."""
-    desc = inspect.signature(fns["register"])
-    names = [*spec.inputs, *(a.name for a in spec.attrs)]
-    assert list(desc.parameters) == names
-    assert [p.annotation for p in desc.parameters.values()][: len(spec.inputs)] == [TensorDesc] * len(spec.inputs)
-    assert [desc.parameters[a.name].annotation for a in spec.attrs] == [
-        int if a.type == "int" else float for a in spec.attrs
-    ]
-    assert desc.return_annotation == tuple[(TensorDesc,) * len(spec.outputs)]
-    assert list(inspect.signature(fns["aot_impl"]).parameters) == [*names, "outputs", "tactic"]
+@pytest.fixture
+def real_trtp(monkeypatch: pytest.MonkeyPatch):
+    """(native stand-in, the wheel's tensorrt.plugin), with g2trt's registered-plugin memo emptied."""
+    monkeypatch.setattr(qdp, "_REGISTERED", set())
+    with real_tensorrt_plugin() as pair:
+        yield pair
 
 
 def assembles(ptx: bytes, arch: int, tmp_path: Path) -> bool:
@@ -142,61 +93,85 @@ def assembles(ptx: bytes, arch: int, tmp_path: Path) -> bool:
     return proc.returncode == 0
 
 
+def test_every_plugin_registers_through_the_real_validators(real_trtp):
+    trt, trtp = real_trtp
+    ids = qdp.register_plugins(trt, 89)
+    assert ids == [f"g2trt::{name}" for name in PLUGINS]
+    for module in PLUGINS.values():  # what tensorrt.plugin parsed from g2trt's signatures
+        spec = module.SPEC
+        definition = trtp._lib.QDP_REGISTRY[qdp.plugin_id(spec)]
+        assert definition.input_tensor_names == list(spec.inputs)
+        assert definition.input_attrs == {a.name: int if a.type == "int" else float for a in spec.attrs}
+        assert definition.num_outputs == len(spec.outputs)
+        assert definition.aot_impl_attr_names == [a.name for a in spec.attrs]
+    assert qdp.register_plugins(trt, 89) == ids  # idempotent: a second build in the process registers nothing
+
+
+def test_the_real_validator_refuses_an_aot_impl_without_its_return_annotation(real_trtp, monkeypatch):
+    """The bug this registration had: TensorRT 10.15-11.x refuse it, so every `g2trt build --plugins` failed."""
+    trt, _ = real_trtp
+    monkeypatch.setattr(qdp, "aot_returns", lambda trtp: inspect.Signature.empty)
+    with pytest.raises(PluginRegistrationError, match="No return annotation found for aot_impl function"):
+        qdp.register_plugins(trt, 89)
+
+
+F16, F32, I64 = "HALF", "FLOAT", "INT64"
+
+
 @pytest.mark.parametrize(
     ("module", "inputs", "attrs"),
     [
         (
             attention,
-            [
-                ((DynDim(2), Dim(4), DynDim(3), Dim(32)), "float16"),
-                ((DynDim(2), Dim(2), DynDim(3), Dim(32)), "float16"),
-                ((DynDim(2), Dim(2), DynDim(3), Dim(32)), "float16"),
-                ((DynDim(2), Dim(2), DynDim(5), Dim(32)), "float16"),
-                ((DynDim(2), Dim(2), DynDim(5), Dim(32)), "float16"),
-                ((DynDim(2), DynDim(8)), "int64"),
+            [  # dims as (value, build-time constant): batch and sequence lengths are dynamic
+                (((2, False), (4, True), (3, False), (32, True)), F16),
+                (((2, False), (2, True), (3, False), (32, True)), F16),
+                (((2, False), (2, True), (3, False), (32, True)), F16),
+                (((2, False), (2, True), (5, False), (32, True)), F16),
+                (((2, False), (2, True), (5, False), (32, True)), F16),
+                (((2, False), (8, False)), I64),
             ],
-            {"num_heads": 4, "kv_heads": 2, "head_dim": 32, "scale": 32**-0.5, "softcap": 50.0, "window": 16},
+            {"num_heads": 4, "kv_heads": 2, "head_dim": 32, "scale": 144**-0.5, "softcap": 50.0, "window": 16},
         ),
-        (softcap, [((DynDim(2), DynDim(3), Dim(1024)), "float32")], {"cap": 30.0}),
+        (softcap, [(((2, False), (3, False), (1024, True)), F32)], {"cap": 30.0}),
         (
             sandwich_rmsnorm,
             [
-                ((DynDim(2), DynDim(3), Dim(64)), "float16"),
-                ((DynDim(2), DynDim(3), Dim(64)), "float32"),
-                ((Dim(64),), "float32"),
-                ((Dim(64),), "float32"),
+                (((2, False), (3, False), (64, True)), F16),
+                (((2, False), (3, False), (64, True)), F32),
+                (((64, True),), F32),
+                (((64, True),), F32),
             ],
             {"epsilon": 1e-6},
         ),
     ],
     ids=lambda v: getattr(v, "__name__", "").rsplit(".", 1)[-1] or None,
 )
-def test_registration_through_a_tensorrt_plugin_stand_in(module, inputs, attrs, tmp_path):
-    registry: dict[str, dict[str, Any]] = {}
-    qdp._register_one(FAKE_TRT, fake_trtp(registry), module, 89, compile_kernel)
+def test_tensorrts_build_time_calls_on_the_real_plugin_class(module, inputs, attrs, real_trtp, tmp_path):
+    """What TensorRT's builder asks a tensorrt.plugin AOT plugin, answered by g2trt's describe/aot inside the
+    real plugin class: output types and shapes, formats, the kernel, its PTX and its launch."""
+    trt, _ = real_trtp
+    qdp.register_plugins(trt, 89)
     spec = module.SPEC
-    fns = registry[f"g2trt::{spec.name}"]
-    check_signatures(spec, fns)
+    typed = [(dims, getattr(trt.DataType, t)) for dims, t in inputs]
+    got = build_time_calls(trt, qdp.plugin_id(spec), typed, attrs)
 
-    descs = [TensorDesc(shape, dtype) for shape, dtype in inputs]
-    shapes = [tuple(int(d) for d in s) for s, _ in inputs]
-    outs = fns["register"](*descs, **attrs)
-    assert [s for s, _ in outs] == [tuple(s) for s in module.output_shapes(*shapes)]
-    assert [d for _, d in outs] == module.output_dtypes(*(d for _, d in inputs))
-
-    values = [attrs[a.name] for a in spec.attrs]
-    name, ptx, launch, scalars = fns["aot_impl"](*descs, *values, tuple(outs), 0)
-    dtypes = [{"float32": "fp32", "float16": "fp16", "int64": "i64"}[d] for _, d in inputs]
-    dtype, params = qdp.kernel_params(spec, attrs, dtypes, [s[-1] for s in shapes])
+    shapes = [tuple(v for v, _ in dims) for dims, _ in inputs]
+    assert got["output_shapes"] == [tuple(s) for s in module.output_shapes(*shapes)]
+    assert got["output_dtypes"] == module.output_dtypes(*(t for _, t in typed))
+    assert all(f == trt.TensorFormat.LINEAR for _, f in got["formats"])  # no autotune: linear I/O
+    names = {"FLOAT": "fp32", "HALF": "fp16", "INT64": "i64"}
+    dtype, params = qdp.kernel_params(spec, attrs, [names[t] for _, t in inputs], [s[-1] for s in shapes])
     k = compile_kernel(spec.name, 89, dtype, **params)
-    assert name == k.name.encode()
-    assert (launch.grid_x, launch.grid_y, launch.grid_z) == tuple(k.grid(shapes))
-    assert (launch.block_x, launch.shared_mem) == (k.threads_per_block, k.shared_mem)
-    assert scalars == tuple(k.scalars(shapes))
+    assert got["kernel"] == k.name.encode()
+    assert got["grid"] == tuple(k.grid(shapes, int_cdiv))
+    assert (got["block_x"], got["shared_mem"]) == (k.threads_per_block, k.shared_mem)
+    assert got["scalars"] == tuple(k.scalars(shapes))
+    ptx = got["ptx"].decode()
     n_params = len(k.input_args) + len(k.scalar_args) + len(k.output_args)
-    assert ptx.decode().count(f"{k.name}_param_") >= n_params
-    assert f"{k.name}_param_{n_params}" not in ptx.decode()  # Triton's hidden scratch pointers are gone
-    assert assembles(ptx, 89, tmp_path), "the trimmed PTX must still assemble"
+    assert ptx.count(f"{k.name}_param_") >= n_params
+    assert f"{k.name}_param_{n_params}" not in ptx  # Triton's hidden scratch pointers are gone
+    assert assembles(got["ptx"], 89, tmp_path), "the trimmed PTX must still assemble"
 
 
 def test_canonical_model_puts_attributes_in_spec_order(tmp_path: Path):
@@ -223,4 +198,4 @@ def test_register_plugins_needs_the_full_tensorrt(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", None)
     with pytest.raises(PluginRegistrationError, match=r"tensorrt.plugin is not available .*TensorRT >= 10.15"):
-        qdp.register_plugins(FAKE_TRT, 89)
+        qdp.register_plugins(native_stand_in(), 89)

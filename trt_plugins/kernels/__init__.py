@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from trt_plugins.kernels import attention, sandwich_rmsnorm, softcap
+from trt_plugins.kernels import attention, attention_inplace, sandwich_rmsnorm, softcap
 
-KERNELS: dict[str, ModuleType] = {m.SPEC.name: m for m in (sandwich_rmsnorm, softcap, attention)}
+KERNELS: dict[str, ModuleType] = {m.SPEC.name: m for m in (sandwich_rmsnorm, softcap, attention, attention_inplace)}

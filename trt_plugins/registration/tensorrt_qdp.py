@@ -1,8 +1,9 @@
 """g2trt's plugins for the full TensorRT (>= 10.15): `tensorrt.plugin` with ahead-of-time Triton kernels.
 
-UNVERIFIED: written and type-checked against TensorRT 10.15 / 11.4's `tensorrt.plugin` sources, but never
-run: the machines g2trt is developed on have neither a GPU nor the full TensorRT. Everything it derives
-from g2trt's own code (shape and dtype rules, kernel parameters, the PTX it hands over) is tested on CPU.
+Not run on a GPU: the machines g2trt is developed on have neither a GPU nor TensorRT's libraries. The
+tests run this registration through TensorRT 11.4's own `tensorrt.plugin` (its pure-Python validators and
+AOT plugin class) over a stand-in for the compiled module, and replay the builder's calls on the real
+plugin class (tests/trt_plugins/real_tensorrt_plugin.py); TensorRT's C++ builder has never called it.
 
 Why `tensorrt.plugin` (quickly deployable plugins) with `@aot_impl` rather than a C++ IPluginV3: the
 kernel is compiled here (Triton -> PTX) and embedded in the engine, so the engine runs from trtexec or a
@@ -12,6 +13,10 @@ plugin specs (trt_plugins/spec.py and the op modules), not a second hand-written
 Per plugin (trt_plugins.PLUGINS), registered under "g2trt::<name>" (spec.namespace, version "1"):
   * `@register`: inputs as TensorDescs, the spec's attributes as int/float; output shapes from the op
     module's `output_shapes` evaluated on TensorRT shape expressions, dtypes from its `output_dtypes`.
+    An output the op module lists in `ALIASES` (SlidingWindowAttentionInplace's presents) is returned as
+    `input.aliased()`: tensorrt.plugin then answers TensorRT's `getAliasedInput` (IPluginV3OneBuildV2) with
+    that input, and the kernel gets one buffer for both. TensorRT asks only when the builder config has
+    `PreviewFeature.ALIASED_PLUGIN_IO_10_03` on (`enable_aliased_plugin_io`, called by g2trt build).
   * `@aot_impl`: `trt_plugins.aot.compile_kernel(...)` for this node's attributes, dtypes and static dims;
     returns (kernel name, PTX, launch grid/block/shared memory, int32 scalar arguments) with the kernel's
     parameters in TensorRT's order: input pointers, int32 scalars, output pointers.
@@ -40,6 +45,7 @@ STATIC_DIMS: dict[str, dict[str, str]] = {
     "SoftCap": {"n_cols": "x"},
     "SandwichRMSNorm": {"hidden": "residual"},
     "SlidingWindowAttention": {},
+    "SlidingWindowAttentionInplace": {},
 }
 _REGISTERED: set[str] = set()
 
@@ -112,6 +118,12 @@ def _signature(params: list[inspect.Parameter], returns: Any) -> inspect.Signatu
     return inspect.Signature(params, return_annotation=returns)
 
 
+def aot_returns(trtp: Any) -> Any:
+    """The return annotation `tensorrt.plugin` requires of an `aot_impl` (TensorRT 10.15 through 11.4 raise "No
+    return annotation found for aot_impl function" without it): kernel name, PTX, launch, scalar arguments."""
+    return tuple.__class_getitem__((bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs))
+
+
 def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_kernel: Callable[..., Any]) -> None:
     spec: PluginSpec = module.SPEC
     if spec.version != "1":  # tensorrt.plugin registers every creator as version "1"
@@ -122,13 +134,16 @@ def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_ke
     in_params = [inspect.Parameter(n, tensor, annotation=trtp.TensorDesc) for n in spec.inputs]
     attr_params = [inspect.Parameter(n, tensor, annotation=t) for n, t in attr_types.items()]
     out_tuple = tuple.__class_getitem__((trtp.TensorDesc,) * n_out)
+    aliases: dict[int, int] = dict(getattr(module, "ALIASES", {}))  # output index -> the input it writes
 
     def describe(*inputs: Any, **attrs: Any) -> tuple[Any, ...]:
         shapes = module.output_shapes(*[t.shape_expr for t in inputs])
         dtypes = module.output_dtypes(*[t.dtype for t in inputs])
         return tuple(
-            trtp.from_shape_expr(s if isinstance(s, trtp.ShapeExprs) else tuple(s), dtype=d)
-            for s, d in zip(shapes, dtypes, strict=True)
+            inputs[aliases[i]].aliased()  # the very input object: tensorrt.plugin maps aliases by identity
+            if i in aliases
+            else trtp.from_shape_expr(s if isinstance(s, trtp.ShapeExprs) else tuple(s), dtype=d)
+            for i, (s, d) in enumerate(zip(shapes, dtypes, strict=True))
         )
 
     describe.__signature__ = _signature(in_params + attr_params, out_tuple)  # type: ignore[attr-defined]
@@ -153,11 +168,15 @@ def _register_one(trt: Any, trtp: Any, module: ModuleType, arch: int, compile_ke
 
     outputs_param = inspect.Parameter("outputs", tensor, annotation=out_tuple)
     tactic_param = inspect.Parameter("tactic", tensor, annotation=int)
-    aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], inspect.Signature.empty)  # type: ignore[attr-defined]
+    returns = aot_returns(trtp)
+    aot.__signature__ = _signature(in_params + attr_params + [outputs_param, tactic_param], returns)  # type: ignore[attr-defined]
     aot.__name__ = f"{spec.name}_aot"
 
-    trtp.register(plugin_id(spec))(describe)
-    trtp.aot_impl(plugin_id(spec))(aot)
+    try:
+        trtp.register(plugin_id(spec))(describe)
+        trtp.aot_impl(plugin_id(spec))(aot)
+    except ValueError as e:  # tensorrt.plugin's validators: one line, naming the plugin
+        raise PluginRegistrationError(f"tensorrt.plugin refused {plugin_id(spec)}: {e}") from None
 
 
 def register_plugins(trt: Any, target_sm: int, compile_kernel: Callable[..., Any] | None = None) -> list[str]:
@@ -187,6 +206,18 @@ def register_plugins(trt: Any, target_sm: int, compile_kernel: Callable[..., Any
             _REGISTERED.add(pid)
         ids.append(pid)
     return ids
+
+
+def enable_aliased_plugin_io(trt: Any, config: Any) -> None:
+    """Turn on plugin I/O aliasing in a builder config: without `PreviewFeature.ALIASED_PLUGIN_IO_10_03`
+    TensorRT never asks a plugin for aliases, and an in-place plugin's presents would not be its pasts."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "ALIASED_PLUGIN_IO_10_03", None)
+    if feature is None:
+        raise PluginRegistrationError(
+            "this TensorRT has no PreviewFeature.ALIASED_PLUGIN_IO_10_03 (plugin I/O aliasing, TensorRT >= 10.3), "
+            "which the in-place attention plugin needs"
+        )
+    config.set_preview_feature(feature, True)
 
 
 def canonical_plugin_model(onnx_path: str | Path) -> bytes:

@@ -1,0 +1,244 @@
+"""The in-place KV cache on onnxruntime CPU: prefill and decode per token vs onnxruntime-genai, in one run.
+
+    python benchmarks/inplace/bench_inplace.py                 # medium model + tiny preset, ~15 min
+    python benchmarks/inplace/bench_inplace.py --quick         # a smoke run
+
+One random Gemma 2 (default, the issue's medium model: 6 layers, hidden 512, 8/4 heads, head_dim 64,
+vocab 32k, window 128; seeded RandomWeights) is exported by g2trt with last-logits-only logits, with
+the dynamic and the in-place KV cache, optimized with `g2trt optimize --target ort`, and converted by
+onnxruntime-genai's own builder from the same weights written as a HF checkpoint. Every model runs
+greedy generation, batch 1: prefill of a `--prompt`-token prompt (+ the argmax of its last logits)
+and `--decode` one-token steps (+ argmax each). g2trt's in-place graphs run through g2trt's runtime
+(`OrtInplaceRunner.step`: one buffer bound as past and present, inputs and logits in bound arrays);
+its dynamic graphs through IOBinding with onnxruntime values carried between steps; genai through its
+Generator (append_tokens, generate_next_token). Same intra-op thread count for all; an idle
+`--cooldown` (default 1 s) before every trial so no spinning thread pool bleeds into the next; trials
+interleaved round by round, the order rotated each round; medians over rounds (prefill) and over every
+decode step of every round (decode). The tiny preset repeats the decode comparison at a size where
+per-step overheads, not weights, dominate. Writes results.json and results.md beside this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent / "ort_targets"))
+
+from bench_ort_targets import FLOOR_LAST, FloorModel, GenaiModel, OrtModel, bench_config, machine, model_args  # noqa: E402
+
+from deploy.runners.base import cache_sizes  # noqa: E402
+from deploy.runners.factory import graph_contract  # noqa: E402
+from deploy.runners.ort_runner import OrtInplaceRunner  # noqa: E402
+from export.config import Gemma2Config, preset  # noqa: E402
+from export.manifest import read_manifest  # noqa: E402
+from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from export.weights import RandomWeights  # noqa: E402
+from graph_passes import optimize  # noqa: E402
+
+
+class InplaceModel:
+    """A g2trt in-place graph through g2trt's runtime: the cache allocated once per trial, written in place."""
+
+    def __init__(self, name: str, path: Path, cfg: Gemma2Config, threads: int, full_sliding: bool | None) -> None:
+        self.name, self.cfg = name, cfg
+        _, recorded = graph_contract(read_manifest(path))
+        full = recorded if full_sliding is None else full_sliding
+        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full)
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        b, s = input_ids.shape
+        length, ring = cache_sizes(self.cfg, s + new_tokens, self.runner.full_sliding)
+        cache = self.runner.allocate(b, length, ring)
+        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
+        ids, steps, tokens, first = input_ids, [], [], None
+        step_ids, step_pos = np.zeros((b, 1), np.int64), pos[:, -1:].copy()
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            logits = self.runner.step(ids, pos, cache)
+            nxt = logits[:, -1].argmax(-1)
+            steps.append(time.perf_counter() - start)
+            if step == 0:
+                first = np.array(logits[:, -1])
+            tokens.append(int(nxt[0]))
+            step_ids[:, 0] = nxt
+            step_pos += 1
+            ids, pos = step_ids, step_pos
+        self.runner.release(cache)
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first}
+
+
+def build_models(cfg: Gemma2Config, threads: int, seed: int, work: Path, genai: bool) -> dict[str, Any]:
+    source = RandomWeights(cfg, seed=seed)
+    models: dict[str, Any] = {}
+    dynamic = export_onnx(source, work / "dynamic", ExportOptions(last_logits_only=True)).model_path
+    inplace = export_onnx(source, work / "inplace", ExportOptions(last_logits_only=True, kv_cache="inplace")).model_path
+    ort_dynamic = Path(optimize(dynamic, "ort", work / "ort-dynamic").model_path)
+    ort_inplace = Path(optimize(inplace, "ort", work / "ort-inplace").model_path)
+    models["plain, dynamic"] = OrtModel("plain, dynamic", dynamic, cfg, threads)
+    models["ort, dynamic"] = OrtModel("ort, dynamic", ort_dynamic, cfg, threads)
+    models["plain, in-place"] = InplaceModel("plain, in-place", inplace, cfg, threads, None)
+    models["ort, in-place (ring: sliding layers decode by standard ops)"] = InplaceModel(
+        "ort ring", ort_inplace, cfg, threads, False
+    )
+    models["ort, in-place (full sliding buffers: GQA every layer)"] = InplaceModel(
+        "ort full", ort_inplace, cfg, threads, True
+    )
+    if genai:
+        from deploy.bench.genai_peer import build, write_hf_checkpoint
+
+        hf = write_hf_checkpoint(source, work / "hf")
+        models["genai"] = GenaiModel(build(hf, work / "genai"), cfg, threads)
+    models[FLOOR_LAST] = FloorModel(FLOOR_LAST, cfg, threads, all_rows=False, seed=seed)
+    return models
+
+
+def measure(
+    models: dict[str, Any], cfg: Gemma2Config, prompt_len: int, decode: int, rounds: int, cooldown: float, seed: int
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, cfg.vocab_size, size=(1, prompt_len), dtype=np.int64)
+    names = list(models)
+    for m in models.values():  # warm-up: first-run allocations and thread pools
+        m.trial(prompt, 2)
+        time.sleep(cooldown)
+    ttft: dict[str, list[float]] = {n: [] for n in names}
+    step: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[int]] = {}
+    logits: dict[str, np.ndarray] = {}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
+        for n in order:
+            time.sleep(cooldown)  # the previous model's thread pool parks before we time
+            res = models[n].trial(prompt, decode + 1)
+            ttft[n].append(res["ttft_s"])
+            step[n].extend(res["step_s"])
+            if res["tokens"] is not None:
+                tokens[n] = [t[0] if isinstance(t, list) else t for t in res["tokens"]]
+            if res.get("first_logits") is not None:
+                logits[n] = res["first_logits"]
+    rows: dict[str, dict[str, Any]] = {}
+    ref_name = "plain, dynamic"
+    for n in names:
+        rows[n] = {
+            "prefill_ms": 1e3 * statistics.median(ttft[n]),
+            "decode_ms_per_token": 1e3 * statistics.median(step[n]),
+            "prefill_samples": len(ttft[n]),
+            "decode_samples": len(step[n]),
+            "greedy_tokens_match_plain": tokens[n][:decode] == tokens[ref_name][:decode] if n in tokens else None,
+        }
+        if n in logits:
+            rows[n]["max_abs_logit_diff_vs_plain"] = float(np.abs(logits[n] - logits[ref_name]).max())
+    genai = rows.get("genai")
+    for row in rows.values():
+        if genai:
+            row["prefill_vs_genai"] = row["prefill_ms"] / genai["prefill_ms"]
+            row["decode_vs_genai"] = row["decode_ms_per_token"] / genai["decode_ms_per_token"]
+        row["prefill_vs_plain_inplace"] = row["prefill_ms"] / rows["plain, in-place"]["prefill_ms"]
+        row["decode_vs_plain_inplace"] = row["decode_ms_per_token"] / rows["plain, in-place"]["decode_ms_per_token"]
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sections = {}
+    settings = {
+        "medium": (bench_config(args), args.prompt, args.decode),
+        "tiny": (preset("tiny"), args.tiny_prompt, args.decode),
+    }
+    for section, (cfg, prompt, decode) in settings.items():
+        if section == "tiny" and args.no_tiny:
+            continue
+        with tempfile.TemporaryDirectory(prefix="g2trt-bench-inplace-", dir=args.work) as tmp:
+            models = build_models(cfg, args.threads, args.seed, Path(tmp), not args.no_genai)
+            rows = measure(models, cfg, prompt, decode, args.rounds, args.cooldown, args.seed)
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "layer_types"}
+        sections[section] = {"config": config, "prompt": prompt, "decode": decode, "results": rows}
+    return {
+        "command": " ".join(["python benchmarks/inplace/bench_inplace.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "settings": {k: getattr(args, k) for k in ("rounds", "threads", "seed", "cooldown")},
+        "sections": sections,
+    }
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, s = res["machine"], res["settings"]
+    lines = [
+        "# The in-place KV cache on onnxruntime CPU vs onnxruntime-genai",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Machine: {m['cpu']} ({m['cores']} cores), onnxruntime {m['versions'].get('onnxruntime')}, "
+        f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_end'])}.",
+        f"Batch 1, fp32, {s['threads']} intra-op threads for every model, {s['rounds']} interleaved rounds "
+        f"(order rotated), {s['cooldown']} s idle before every trial; medians (prefill over rounds, decode over "
+        "every step of every round). g2trt exports: last-logits-only.",
+    ]
+    for section, sec in res["sections"].items():
+        c = sec["config"]
+        lines += [
+            "",
+            f"## {section}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+            f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads, vocab {c['vocab_size']}, "
+            f"window {c['sliding_window']}; prompt {sec['prompt']}, {sec['decode']} decode steps",
+            "",
+            "| model | prefill ms | decode ms/token | prefill / genai | decode / genai | vs plain in-place "
+            "(prefill, decode) | greedy = plain |",
+            "|---|---:|---:|---:|---:|---:|:---:|",
+        ]
+        for name, r in sec["results"].items():
+            g = (
+                (f"{r['prefill_vs_genai']:.2f}", f"{r['decode_vs_genai']:.2f}")
+                if "prefill_vs_genai" in r
+                else ("-", "-")
+            )
+            p = f"{r['prefill_vs_plain_inplace']:.2f}, {r['decode_vs_plain_inplace']:.2f}"
+            same = r["greedy_tokens_match_plain"]
+            lines.append(
+                f"| {name} | {r['prefill_ms']:.2f} | {r['decode_ms_per_token']:.3f} | {g[0]} | {g[1]} | {p} | "
+                f"{'-' if same is None else 'yes' if same else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(ap, window=128)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--tiny-prompt", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=32, help="decode steps per round")
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cooldown", type=float, default=1.0, help="idle seconds before each trial")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-genai", action="store_true")
+    ap.add_argument("--no-tiny", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
+    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.vocab, args.window = 2, 128, 4, 2048, 16
+        args.prompt, args.decode, args.rounds, args.cooldown = 32, 4, 2, 0.1
+    res = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "results_quick" if args.quick else "results"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

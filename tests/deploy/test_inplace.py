@@ -1,0 +1,179 @@
+"""The in-place KV cache through every target and runtime (issue: in-place KV cache from export to runtime).
+
+Cases: batch 3 with left padding (prompts of 25, 22 and 5 tokens), the longest longer than tiny's
+16-token window in one call, 64 new tokens so a 16-slot ring wraps five times. Greedy tokens must be
+identical to the PyTorch model's on the dynamic contract; logits within 1e-4 (fp32) of the dynamic
+contract at prefill and at every decode step (teacher-forced); engines of the in-place trt-native graph
+built with TensorRT-RTX; a decode step copies no cache and memory stays flat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy.engine.build import BuildError, BuildOptions, build_engine
+from deploy.engine.profiles import ProfileError
+from deploy.generate.loop import GenerationConfig, GenerationError, generate
+from deploy.runners.factory import graph_contract
+from deploy.runners.ort_runner import OrtInplaceRunner
+from deploy.runners.torch_runner import TorchInplaceRunner, TorchRunner
+from deploy.verify.parity import Case, compare_inplace
+from export.manifest import read_manifest
+from export.onnx_export import ExportOptions, export_onnx
+from export.weights import load_model
+from tests.deploy.build_graphs import optimized
+
+LENGTHS = (25, 22, 5)
+NEW = 64
+TARGETS = ("plain", "ort", "trt-native", "trt")  # trt: its plugin nodes run as the reference ops
+
+
+@pytest.fixture(scope="module")
+def inplace_graphs(runtime_inplace_export, tmp_path_factory: pytest.TempPathFactory):
+    """`inplace_graphs(target)` -> model.onnx of the untied tiny model's in-place export or its target."""
+    export = runtime_inplace_export
+    cache: dict[str, Path] = {"plain": export.model_path}
+
+    def get(target: str) -> Path:
+        if target not in cache:
+            cache[target] = optimized(export.model_path, target, tmp_path_factory.mktemp(f"inplace-{target}"))
+        return cache[target]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def model(runtime_weights):
+    return load_model(runtime_weights)
+
+
+@pytest.fixture(scope="module")
+def prompts(runtime_cfg) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, runtime_cfg.vocab_size, n).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(model, prompts) -> list[list[int]]:
+    tokens = generate(TorchRunner(model), prompts, GenerationConfig(max_new_tokens=NEW, stop_tokens=())).tokens
+    assert all(len(set(t)) > 8 for t in tokens)  # varied output: a broken cache could not hide behind repeats
+    return tokens
+
+
+def _runner(path: Path, cfg) -> OrtInplaceRunner:
+    contract, full = graph_contract(read_manifest(path))
+    assert contract == "inplace"
+    return OrtInplaceRunner(path, cfg, full_sliding=full)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_greedy_tokens_identical_to_the_dynamic_contract(
+    target, inplace_graphs, runtime_cfg, prompts, reference_tokens
+):
+    runner = _runner(inplace_graphs(target), runtime_cfg)
+    got = generate(runner, prompts, GenerationConfig(max_new_tokens=NEW, stop_tokens=()))
+    assert got.tokens == reference_tokens
+
+
+def test_torch_inplace_and_chunked_prefill(model, prompts, reference_tokens) -> None:
+    for chunk in (None, 4):
+        config = GenerationConfig(max_new_tokens=NEW, stop_tokens=(), prefill_chunk=chunk)
+        assert generate(TorchInplaceRunner(model), prompts, config).tokens == reference_tokens
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_logits_within_bound_of_the_dynamic_contract(target, inplace_graphs, runtime_cfg, model) -> None:
+    """Teacher-forced: prefill and 64 decode steps, every step's logits against the dynamic PyTorch model."""
+    rng = np.random.default_rng(5)
+    width = max(LENGTHS)
+    ids = rng.integers(0, runtime_cfg.vocab_size, (3, width))
+    mask = np.zeros((3, width), np.int64)
+    for row, n in enumerate(LENGTHS):
+        mask[row, width - n :] = 1
+    report = compare_inplace(
+        TorchRunner(model), _runner(inplace_graphs(target), runtime_cfg), [Case("c", ids, mask)], NEW
+    )
+    assert len(report.diffs) == NEW + 1
+    assert report.worst <= 1e-4, report.worst
+
+
+def test_sliding_buffers_each_target_needs(inplace_graphs) -> None:
+    assert graph_contract(read_manifest(inplace_graphs("trt-native"))) == ("inplace", True)  # linear writes
+    assert graph_contract(read_manifest(inplace_graphs("ort")))[1] is False
+
+
+def test_generation_that_does_not_fit_is_refused(inplace_graphs, runtime_cfg) -> None:
+    runner = _runner(inplace_graphs("plain"), runtime_cfg)
+    long = [[1] * (runtime_cfg.max_position_embeddings - 3)]
+    with pytest.raises(GenerationError, match="exceeds the model's max_position_embeddings"):
+        generate(runner, long, GenerationConfig(max_new_tokens=8))
+
+
+def test_decode_copies_no_cache_and_memory_stays_flat(inplace_graphs, runtime_cfg) -> None:
+    """1,000 decode steps of the tiny model: resident memory after step 100 and after step 1,000 agree.
+
+    A runner that allocated a present per step, or copied the cache, would grow or churn here; the
+    present outputs are bound to the past buffers themselves (tests/export/test_kv_cache.py checks the
+    pointers), so a step writes one slot per layer.
+    """
+    from deploy.bench.worker import rss_mib
+
+    runner = _runner(inplace_graphs("ort"), runtime_cfg)
+    cache = runner.allocate(1, 1024, runtime_cfg.sliding_window)
+    runner.step(np.array([[5, 6, 7]]), np.array([[0, 1, 2]]), cache)
+    ids, pos = np.array([[9]]), np.array([[2]])
+    rss = []
+    for step in range(1000):
+        pos += 1
+        runner.step(ids, pos, cache)
+        if step in (99, 999):
+            rss.append(rss_mib("VmRSS"))
+    assert rss[0] is not None and rss[1] is not None
+    assert rss[1] - rss[0] < 2.0, rss  # MiB
+    assert len(runner._bindings) == 1  # one decode binding, reused by every step
+
+
+SMALL = {"opt": {"batch": 1, "seq": 16}, "max": {"batch": 2, "seq": 32, "cache": 96}}
+
+
+@pytest.fixture(scope="module")
+def native_graph(runtime_weights, inplace_graphs, tmp_path_factory):
+    """`native_graph(dtype)` -> the in-place trt-native graph of an fp32 or fp16 export (cached)."""
+    cache: dict[str, Path] = {"fp32": inplace_graphs("trt-native")}
+
+    def get(dtype: str) -> Path:
+        if dtype not in cache:
+            options = ExportOptions(dtype=dtype, kv_cache="inplace")  # type: ignore[arg-type]
+            export = export_onnx(runtime_weights, tmp_path_factory.mktemp(f"inplace-{dtype}"), options)
+            cache[dtype] = optimized(export.model_path, "trt-native", tmp_path_factory.mktemp(f"native-{dtype}"))
+        return cache[dtype]
+
+    return get
+
+
+@pytest.mark.parametrize(("dtype", "sm"), [("fp32", 80), ("fp32", 89), ("fp16", 80), ("fp16", 89)], ids=str)
+def test_tensorrt_rtx_builds_the_inplace_trt_native_graph(dtype, sm, native_graph, runtime_weights, tmp_path_factory):
+    native = native_graph(dtype)
+    report = build_engine(
+        native, tmp_path_factory.mktemp("engines") / "m.engine", BuildOptions("tensorrt-rtx", (sm,), **SMALL)
+    )
+    layers = runtime_weights.config.num_hidden_layers
+    assert report.layers.get("KV_CACHE_UPDATE") == 2 * layers  # the in-place write, one per cache tensor
+    assert report.meta.dtype == dtype and report.meta.target_sms == (sm,)
+    for profile in report.meta.profiles:
+        for name in ("past_key_values.0.key", "past_key_values.1.key"):  # sliding and global: static, full
+            assert [shape[2] for shape in profile["shapes"][name]] == [96, 96, 96]
+
+
+def test_engine_profiles_must_fix_the_cache(inplace_graphs, tmp_path: Path) -> None:
+    native = inplace_graphs("trt-native")
+    with pytest.raises(ProfileError, match="cache must be fixed"):
+        build_engine(
+            native, tmp_path / "e.engine", BuildOptions("tensorrt-rtx", (89,), min={"cache": 64}, max={"cache": 96})
+        )
+    with pytest.raises(BuildError, match="ring 64 must equal cache 96"):
+        build_engine(native, tmp_path / "e.engine", BuildOptions("tensorrt-rtx", (89,), max={"cache": 96, "ring": 64}))
+    assert not list(tmp_path.iterdir())  # nothing written
