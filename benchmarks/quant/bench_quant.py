@@ -6,8 +6,10 @@
     python benchmarks/quant/bench_quant.py --quick              # a smoke run on a small model
 
 Latency: batch 1, a `--prompt`-token prompt (prefill + the argmax of its last logits), then `--new - 1`
-single-token steps; g2trt graphs in an onnxruntime session through IOBinding (the cache stays in
-onnxruntime values), genai models in genai's own Generator. Every model runs with the same intra-op
+single-token steps; g2trt graphs through g2trt's runtime: by default the in-place KV cache
+(`OrtInplaceRunner`: one buffer bound as past and present), with `--kv-cache dynamic` an onnxruntime
+session through IOBinding (the cache stays in onnxruntime values, copied into each present); genai
+models in genai's own Generator. Every model runs with the same intra-op
 thread count; models are interleaved round by round (the first model rotates), and every trial starts
 after `--cooldown` idle seconds so no spinning thread pool of the previous one bleeds into it. Medians.
 The g2trt export is last-logits-only (what generation runs); genai's graph computes logits for every
@@ -19,7 +21,8 @@ token by token through their cache (they return last logits only), genai models 
 Random weights are a weak signal (flat next-token distributions flip on small errors).
 
 Peak RSS: each model alone in a fresh process (load the session, run one trial), its VmHWM; the
-same process with nothing loaded is the baseline. Writes results.json and results.md (or
+same process with nothing loaded is the baseline (twice: with onnxruntime and genai imported, and also
+with what g2trt's runner imports, torch included). Writes results.json and results.md (or
 results_<model>.*) beside this script or in --out.
 """
 
@@ -131,6 +134,47 @@ class OrtModel:
             mask = np.ones((b, mask.shape[1] + 1), np.int64)
             pos = pos[:, -1:] + 1
         return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens}
+
+
+class InplaceModel:
+    """A g2trt in-place KV cache graph through g2trt's runtime (OrtInplaceRunner: one buffer bound as past and
+    present, inputs and logits in bound arrays); the cache is allocated once per trial."""
+
+    def __init__(self, path: Path, cfg: Gemma2Config, threads: int) -> None:
+        from deploy.runners.ort_runner import OrtInplaceRunner
+        from export.manifest import read_manifest
+
+        self.cfg = cfg
+        full_sliding = read_manifest(path).get("kv_cache_sliding") == "full"  # as runners.factory.graph_contract
+        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full_sliding)
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        from deploy.runners.base import cache_sizes
+
+        b, s = input_ids.shape
+        length, ring = cache_sizes(self.cfg, s + new_tokens, self.runner.full_sliding)
+        cache = self.runner.allocate(b, length, ring)
+        ids, pos = input_ids, np.arange(s, dtype=np.int64)[None].repeat(b, 0)
+        step_ids, step_pos = np.zeros((b, 1), np.int64), pos[:, -1:].copy()
+        steps, tokens = [], []
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            nxt = self.runner.step(ids, pos, cache)[:, -1].argmax(-1)
+            steps.append(time.perf_counter() - start)
+            tokens.append(int(nxt[0]))
+            step_ids[:, 0] = nxt
+            step_pos += 1
+            ids, pos = step_ids, step_pos
+        self.runner.release(cache)
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens}
+
+
+def ours(path: Path, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:
+    return InplaceModel(path, cfg, threads) if kv_cache == "inplace" else OrtModel(path, cfg, threads)
+
+
+def _model(b: Built, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:
+    return ours(b.path, cfg, threads, kv_cache) if b.kind == "ours" else GenaiModel(b.path, cfg, threads)
 
 
 class GenaiModel:
@@ -263,7 +307,8 @@ def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dic
     built: dict[str, Built] = {}
     for fmt in args.formats:
         start = time.perf_counter()
-        options = ExportOptions(last_logits_only=True, quant=None if fmt == "fp32" else fmt, quant_head=True)
+        quant = None if fmt == "fp32" else fmt
+        options = ExportOptions(last_logits_only=True, kv_cache=args.kv_cache, quant=quant, quant_head=True)
         export = export_onnx(source, work / f"export-{fmt}", options)
         path = Path(optimize(export.model_path, "ort", work / f"ort-{fmt}").model_path)
         built[f"g2trt {fmt}"] = Built(f"g2trt {fmt}", "ours", path, time.perf_counter() - start)
@@ -286,7 +331,7 @@ def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dic
 def quality(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]) -> dict[str, Any]:
     """Teacher-forced quality of every model against the fp32 PyTorch model, on one token sequence."""
     from deploy.bench.genai_peer import teacher_forced_logits
-    from deploy.runners.ort_runner import OrtRunner
+    from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner
     from deploy.runners.torch_runner import TorchRunner
     from deploy.verify.quality import compare_logits, position_logits, quality_ids
     from export.weights import RandomWeights, load_model
@@ -299,7 +344,8 @@ def quality(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]
     for name, b in built.items():
         start = time.perf_counter()
         if b.kind == "ours":
-            got = position_logits(OrtRunner(b.path, cfg, threads=args.threads), ids, stepwise=True)
+            runner = OrtInplaceRunner if args.kv_cache == "inplace" else OrtRunner
+            got = position_logits(runner(b.path, cfg, threads=args.threads), ids, stepwise=True)
         else:
             got = teacher_forced_logits(b.path, ids, args.threads)
         q = compare_logits(ref, got)
@@ -310,10 +356,7 @@ def quality(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]
 
 
 def latency(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]) -> dict[str, Any]:
-    models: dict[str, Any] = {
-        n: (OrtModel(b.path, cfg, args.threads) if b.kind == "ours" else GenaiModel(b.path, cfg, args.threads))
-        for n, b in built.items()
-    }
+    models: dict[str, Any] = {n: _model(b, cfg, args.threads, args.kv_cache) for n, b in built.items()}
     for scheme in args.floors:
         models[f"{FLOOR} {scheme}"] = FloorModel(cfg, scheme, args.threads, args.seed)
     prompt = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, size=(1, args.prompt), dtype=np.int64)
@@ -349,10 +392,13 @@ FLOOR = "floor: weight products only,"
 
 
 def peak_rss(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]) -> dict[str, float]:
-    """Peak RSS (MiB) of a fresh process that loads one model and runs one trial; "baseline": nothing loaded."""
+    """Peak RSS (MiB) of a fresh process that loads one model and runs one trial. Baselines, nothing loaded:
+    "baseline" (onnxruntime and genai imported) and "baseline g2trt runner" (also what g2trt's onnxruntime
+    runner imports: it checks for plugin nodes through trt_plugins, which imports torch)."""
     out = {}
-    for name, b in [("baseline", None), *built.items()]:
-        cmd = [sys.executable, __file__, "--rss-child", json.dumps(_child_spec(args, cfg, b))]
+    for name, b in [("baseline", None), ("baseline g2trt runner", None), *built.items()]:
+        spec = {**_child_spec(args, cfg, b), "runner_imports": name == "baseline g2trt runner"}
+        cmd = [sys.executable, __file__, "--rss-child", json.dumps(spec)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"rss child for {name} failed: {done.stderr[-2000:]}")
@@ -362,7 +408,7 @@ def peak_rss(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built
 
 
 def _child_spec(args: argparse.Namespace, cfg: Gemma2Config, b: Built | None) -> dict[str, Any]:
-    run = {"threads": args.threads, "prompt": args.prompt, "new": args.new, "seed": args.seed}
+    run = {"threads": args.threads, "prompt": args.prompt, "new": args.new, "seed": args.seed, "kv": args.kv_cache}
     return {"kind": b.kind if b else None, "path": str(b.path) if b else None, "config": dataclasses.asdict(cfg), **run}
 
 
@@ -371,11 +417,13 @@ def rss_child(spec_json: str) -> None:
     import onnxruntime_genai  # noqa: F401
 
     spec = json.loads(spec_json)
+    if spec.get("runner_imports"):
+        import trt_plugins  # noqa: F401
     raw = spec["config"]
     cfg = Gemma2Config(**{**raw, "layer_types": tuple(raw["layer_types"]), "eos_token_id": tuple(raw["eos_token_id"])})
     if spec["kind"] is not None:
         path, threads = Path(spec["path"]), spec["threads"]
-        model = OrtModel(path, cfg, threads) if spec["kind"] == "ours" else GenaiModel(path, cfg, threads)
+        model = ours(path, cfg, threads, spec["kv"]) if spec["kind"] == "ours" else GenaiModel(path, cfg, threads)
         rng = np.random.default_rng(spec["seed"])
         model.trial(rng.integers(3, cfg.vocab_size, size=(1, spec["prompt"]), dtype=np.int64), spec["new"])
     # VmHWM, not ru_maxrss: ru_maxrss survives exec and so includes the parent's RSS at fork
@@ -413,12 +461,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "layer_types"},
         "settings": {k: getattr(args, k) for k in SETTINGS},
         "rss_baseline_mib": rss["baseline"],
+        "rss_baseline_g2trt_runner_mib": rss["baseline g2trt runner"],
         "results": rows,
     }
 
 
 SETTINGS = (
     "model",
+    "kv_cache",
     "prompt",
     "new",
     "rounds",
@@ -443,7 +493,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Model: random Gemma 2 ({s['model']}), {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
         f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads, head_dim {c['head_dim']}, "
         f"intermediate {c['intermediate_size']}, vocab {c['vocab_size']}, window {c['sliding_window']}; "
-        f"g2trt export last-logits-only, `ort` target, head quantized (as genai's `-p int4`), block 32. "
+        f"g2trt export last-logits-only, {s['kv_cache']} KV cache, `ort` target, head quantized (as genai's "
+        "`-p int4`), block 32. "
         f"Batch 1, prompt {s['prompt']}, {s['new']} new tokens, {s['threads']} intra-op threads for every model, "
         f"{s['rounds']} interleaved rounds, {s['cooldown']} s idle before each trial; medians (decode: the median "
         f"of each trial's per-token median).",
@@ -465,7 +516,10 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [
         "",
         f"Peak RSS is of a fresh process that loads the one model and runs one trial; the same process with "
-        f"nothing loaded peaks at {res['rss_baseline_mib']:.0f} MiB. `{FLOOR} int4` is the model's int4 weight "
+        f"nothing loaded peaks at {res['rss_baseline_mib']:.0f} MiB, and at "
+        f"{res.get('rss_baseline_g2trt_runner_mib', float('nan')):.0f} MiB with what g2trt's onnxruntime runner "
+        f"imports (it checks for plugin nodes through `trt_plugins`, which imports torch). `{FLOOR} int4` is the "
+        "model's int4 weight "
         "products alone (DequantizeLinear -> MatMul chained, fused to MatMulNBits, head on the last row): a floor "
         "for any graph of these weights in onnxruntime on this machine.",
         "",
@@ -494,6 +548,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="medium", choices=["medium", "2b", "quick"])
     ap.add_argument("--formats", default="fp32,int8,int4", help="g2trt formats: fp32, int8, int4")
+    ap.add_argument(
+        "--kv-cache", default="inplace", choices=["inplace", "dynamic"], help="g2trt's KV cache contract (runtime)"
+    )
     ap.add_argument("--genai", default="fp32,int4", help="onnxruntime-genai precisions ('' for none)")
     ap.add_argument("--floors", default="int4", help="weight-product floors to time: int4, int8 ('' for none)")
     ap.add_argument("--prompt", type=int, default=256)
@@ -520,6 +577,7 @@ def main() -> None:
     res = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = {"medium": "results", "quick": "results_quick"}.get(args.model, f"results_{args.model}")
+    stem += "" if args.kv_cache == "inplace" else "_dynamic"
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
