@@ -45,7 +45,7 @@ def test_stepwise_equals_one_prefill(tiny_export, tiny_cfg) -> None:
 def test_verify_judges_a_quantized_graph_by_agreement(tiny_export) -> None:
     v = verify_model(tiny_export("fp32", quant="int8").model_path, max_len=24, quality_tokens=128)
     assert v.scheme == "int8" and v.quality is not None and v.quality.tokens == 128
-    assert v.bound == AGREEMENT_BOUND["int8"] and v.ok
+    assert v.agreement_bound == AGREEMENT_BOUND["int8"] and v.ok
     assert v.report.worst > 1e-3  # a quantized graph is nowhere near the float bound; reported, not bounded
     assert 0 < v.quality.mean_kl < 1e-2 and v.quality.mean_abs_diff < v.quality.max_abs_diff
 

@@ -107,3 +107,21 @@ def test_onnxruntime_refuses_fp8_and_bf16_scales(tiny_export, tmp_path: Path) ->
     line = _one_line(["optimize", str(bf16), "--target", "ort", "--out", str(tmp_path / "bf16")])
     assert "not int4 with bf16 scales" in line and "--dtype fp16" in line
     assert not (tmp_path / "fp8").exists() and not (tmp_path / "bf16").exists()
+
+
+def test_inplace_contract_quantized_ort_target(tiny_export, tiny_cfg, tmp_path: Path) -> None:
+    """The in-place KV cache export quantizes the same way: the ort target fuses every projection and
+    computes what the dynamic-contract quantized export computes (teacher-forced logits, optimizations off)."""
+    from deploy.runners.ort_runner import OrtInplaceRunner
+    from deploy.verify.quality import position_logits, quality_ids
+
+    export = tiny_export("fp32", quant="int4", kv_cache="inplace")
+    assert export.manifest["opset"] == 24 and export.manifest["quantization"]["projections"] == 29
+    path = Path(optimize(export.model_path, "ort", tmp_path / "ort").model_path)
+    assert _session_ops(path)["MatMulNBits"] == 29
+    ids = quality_ids(tiny_cfg, 40)
+    dynamic = OrtRunner(tiny_export("fp32", quant="int4").model_path, tiny_cfg, optimize=False)
+    inplace = OrtInplaceRunner(path, tiny_cfg, optimize=False)
+    for stepwise in (False, True):
+        diff = position_logits(dynamic, ids, stepwise) - position_logits(inplace, ids, stepwise)
+        assert abs(diff).max() <= 1e-4
