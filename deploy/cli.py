@@ -76,6 +76,13 @@ def cli() -> None:
 @kv_cache_opt(
     "dynamic", "dynamic: present = past + new (Optimum/genai I/O); inplace: fixed buffers written in place (opset 24)."
 )
+@click.option(
+    "--quant",
+    type=click.Choice(["int8", "int4", "fp8"]),
+    help="Weight-only quantization of the linear projections (fp8: TensorRT, SM 89+). Implies opset >= 21.",
+)
+@click.option("--quant-block", type=int, default=32, show_default=True, help="int4/int8: input rows per scale.")
+@click.option("--quant-head/--no-quant-head", default=True, show_default=True, help="Quantize the LM head too.")
 @_one_line_errors
 def export_cmd(
     checkpoint: Path | None,
@@ -86,6 +93,9 @@ def export_cmd(
     seed: int,
     last_logits_only: bool,
     kv_cache: str,
+    quant: str | None,
+    quant_block: int,
+    quant_head: bool,
 ) -> None:
     """Export CHECKPOINT_DIR (a HF Gemma 2 directory), or a seeded random model, to OUT/model.onnx."""
     from deploy import console as ui
@@ -94,8 +104,22 @@ def export_cmd(
     from export.weights import open_weights
 
     source = open_weights(checkpoint, preset, seed)
-    options = ExportOptions(dtype=dtype, opset=opset, last_logits_only=last_logits_only, kv_cache=kv_cache)  # type: ignore[arg-type]
-    with ui.weight_progress(weight_bytes(source.config, dtype), "export") as advance:
+    options = ExportOptions(
+        dtype,  # type: ignore[arg-type]  # click.Choice
+        opset,
+        last_logits_only,
+        kv_cache=kv_cache,  # type: ignore[arg-type]
+        quant=quant,  # type: ignore[arg-type]
+        quant_block=quant_block,
+        quant_head=quant_head,
+    )
+    total = weight_bytes(source.config, dtype)
+    if options.quant:
+        from export.quantize import QuantSpec, saved_bytes
+
+        spec = QuantSpec(options.quant, quant_block, quant_head)
+        total -= saved_bytes(source.config, spec, 4 if dtype == "fp32" else 2)
+    with ui.weight_progress(total, "export") as advance:
         result = export_onnx(source, out, options, advance)
     cfg = source.config
     m = result.manifest
@@ -108,14 +132,21 @@ def export_cmd(
             f"{cfg.num_key_value_heads} / {cfg.head_dim}",
         ),
         ("parameters", f"{cfg.num_params / 1e6:.1f} M"),
-        ("dtype / opset", f"{dtype} / {options.opset}"),
+        ("dtype / opset", f"{dtype} / {m['opset']}"),
         ("KV cache", kv_cache),
+        *([("quantization", _describe_quant(m["quantization"]))] if "quantization" in m else []),
         ("logits", "last position only" if last_logits_only else "every position"),
         ("inputs / outputs", f"{len(m['io']['inputs'])} / {len(m['io']['outputs'])}"),
         ("files", ", ".join(f"{k} ({ui.human_bytes((out / k).stat().st_size)})" for k in m["sha256"])),
         ("time", f"{result.seconds:.1f} s"),
     ]
     ui.out.print(ui.table("g2trt export", ["", ""], rows))
+
+
+def _describe_quant(q: dict[str, Any]) -> str:
+    block = f"block {q['block_size']}" if q["block_size"] else "per output channel"
+    head = "head too" if q["head"] else "head float"
+    return f"{q['scheme']} weight-only, {q['projections']} projections, {block}, {q['scale_dtype']} scales, {head}"
 
 
 @cli.command("pipeline")
@@ -545,13 +576,21 @@ def optimize_cmd(model: Path, target: str, out: Path, provider: str, debug: bool
     default=None,
     help="Cap on the 'longer than window' prompt [default: window + 9 tokens, across the sliding window].",
 )
+@click.option(
+    "--tokens",
+    type=click.IntRange(2),
+    default=512,
+    show_default=True,
+    help="Quantized graphs: length of the teacher-forced token sequence.",
+)
 @_one_line_errors
-def verify_cmd(model: Path, checkpoint: Path | None, max_len: int | None) -> None:
-    """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model."""
+def verify_cmd(model: Path, checkpoint: Path | None, max_len: int | None, tokens: int) -> None:
+    """Max |logit diff| of MODEL (any g2trt ONNX, any target) against the PyTorch model; for quantized graphs
+    also teacher-forced top-1 agreement and mean KL divergence."""
     from deploy import console as ui
     from deploy.verify.model import verify_model
 
-    v = verify_model(model, checkpoint, max_len=max_len)
+    v = verify_model(model, checkpoint, max_len=max_len, quality_tokens=tokens)
     rows = [(d.case, d.step, d.max_abs_diff, d.ref_max_abs) for d in v.report.diffs]
     ui.out.print(
         ui.table(
@@ -561,6 +600,19 @@ def verify_cmd(model: Path, checkpoint: Path | None, max_len: int | None) -> Non
         )
     )
     verdict = "ok" if v.ok else "FAIL"
+    if v.quality is not None and v.agreement_bound is not None:
+        q, bound = v.quality, v.agreement_bound
+        ui.out.print(
+            ui.table(
+                f"{v.scheme} weights, teacher-forced over {q.tokens} tokens (random weights are a weak signal)",
+                ["top-1 agreement", "mean KL (nats)", "max |Δlogit|", "mean |Δlogit|"],
+                [(f"{q.top1_agreement:.2%}", ui.fmt(q.mean_kl), ui.fmt(q.max_abs_diff), ui.fmt(q.mean_abs_diff))],
+            )
+        )
+        ui.out.print(f"{verdict}: top-1 agreement {q.top1_agreement:.2%} (bound {bound:.0%} for {v.scheme})")
+        if not v.ok:
+            raise G2trtError(f"{v.model}: top-1 agreement {q.top1_agreement:.2%} is below {bound:.0%}")
+        return
     ui.out.print(f"{verdict}: max |Δlogit| {ui.fmt(v.report.worst)}; {ui.fmt(v.measured)} vs bound {v.bound}")
     ui.out.print(v.coverage())
     if not v.ok:

@@ -104,6 +104,7 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
+    _refuse_non_float(directory)
     try:
         cfg = load_config(directory / "config.json")
     except ConfigError as e:
@@ -121,6 +122,32 @@ def open_checkpoint(directory: str | Path) -> Checkpoint:
     listing = directory / (SINGLE if None in files.values() else INDEX)
     _check_against_config(cfg, entries, listing)
     return Checkpoint(directory, cfg, entries)
+
+
+def _refuse_non_float(directory: Path) -> None:
+    """A g2trt model or an already quantized checkpoint is not an export source (and cannot be re-quantized)."""
+    manifest = directory / "manifest.json"
+    if manifest.is_file() and not (directory / "config.json").is_file():
+        try:
+            raw = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = {}
+        quant = (raw.get("quantization") or {}).get("scheme") if isinstance(raw, dict) else None
+        what = f"an {quant}-quantized g2trt ONNX model" if quant else "a g2trt ONNX model"
+        raise CheckpointError(
+            f"{directory}: {what}, not a Hugging Face checkpoint; export (and --quant) from the float checkpoint"
+        )
+    try:
+        raw_config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # load_config reports it
+    quant = raw_config.get("quantization_config") if isinstance(raw_config, dict) else None
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise CheckpointError(
+            f"{directory / 'config.json'}: an already quantized checkpoint (quantization_config: {method}); g2trt "
+            "reads fp32/fp16/bf16 weights: export the float checkpoint, with --quant to quantize"
+        )
 
 
 def _weight_files(directory: Path) -> dict[Path, set[str] | None]:

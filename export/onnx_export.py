@@ -12,6 +12,8 @@ How, and why this way:
 4. Each weight is pulled from the source (HF safetensors or the seeded random model) as the external data
    file is written (export/write.py: the next weight is prepared on a second thread while this one is
    written and hashed): peak memory is about the largest tensor, twice.
+5. With `quant`, export/quantize.py puts the projections' weights behind DequantizeLinear first; their
+   codes are computed from those same lazy weights as they are written.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from export.errors import G2trtError
 from export.kv_cache import onnx_kv_write
 from export.manifest import build_manifest, write_manifest
 from export.model import Gemma2ForCausalLM, rope_inv_freq
+from export.quantize import QuantSpec, Scheme, check_spec, quantize_graph
 from export.replicate import prefix_config, replicate
 from export.weights import DTYPES, WeightSource, to_numpy
 from export.write import save_with_data
@@ -67,6 +70,9 @@ class ExportOptions:
     naive_fp16: bool = False  # fp16 residual stream, as HF runs it; only to show why it overflows
     full_trace: bool = False  # trace every layer (slow), not one per layer kind: what export/replicate.py equals
     kv_cache: io.KvCache = "dynamic"  # export.io_contract: "inplace" writes fixed-size buffers in place
+    quant: Scheme | None = None  # weight-only int8 / int4 / fp8 of the linear projections (export/quantize.py)
+    quant_block: int = 32  # int4 / int8: input rows per scale
+    quant_head: bool = True  # quantize the LM head too
 
     def __post_init__(self) -> None:
         if self.kv_cache not in io.KV_CACHES:
@@ -202,14 +208,22 @@ def export_onnx(
     """Export `source` (checkpoint or random model) to `out_dir/model.onnx` (+ `.data`, manifest)."""
     start = time.perf_counter()
     cfg = source.config
+    spec = QuantSpec(options.quant, options.quant_block, options.quant_head) if options.quant else None
+    if spec is not None:
+        check_spec(cfg, spec)  # before tracing: bad settings fail in a second
     graph_model = trace_graph(cfg, options)
     _attach_weights(graph_model.graph, source, DTYPES[options.dtype])
+    quantization = None
+    if spec is not None:  # also raises the opset to 21 (DequantizeLinear's block_size)
+        quantization = quantize_graph(graph_model.graph, cfg, spec)
+        options = dataclasses.replace(options, opset=graph_model.graph.opset_imports[""])
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         data_sha256 = save_with_data(graph_model, tmp / MODEL_FILE, DATA_FILE, on_tensor)
         hashes = {DATA_FILE: data_sha256}
-        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, "export", hashes, source=source.describe())
+        extra = {"quantization": quantization} if quantization else {}
+        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, "export", hashes, source=source.describe(), **extra)
         write_manifest(tmp, manifest)
     return ExportResult(out_dir / MODEL_FILE, out_dir / "manifest.json", manifest, time.perf_counter() - start)
 

@@ -30,7 +30,7 @@ from graph_passes import primitives
 from graph_passes.graph import PassGraph
 from graph_passes.match import dtype_of
 
-Form = Literal["circular", "linear"]
+Form = Literal["circular", "linear", "fresh"]  # fresh: this step's own keys only (a first prompt)
 I64 = np.int64
 F32 = np.float32
 
@@ -102,8 +102,12 @@ def bias(
     key = ("inplace.bias", form, window, length if isinstance(length, (str, int)) else past.name)
     if shared and key in g.memo:
         return g.memo[key]
-    c = primitives.dim(g, past, 2, like)
     zero, one = _i64(g, "zero", 0), _i64(g, "one", 1)
+    if form == "fresh":  # no row holds anything older than this step: its own keys are all there is
+        keys = g.op("Where", [g.op("GreaterOrEqual", [pos, zero], like=like, dtype=np.bool_), pos,
+                              _i64(g, "invalid", INVALID)], like=like, dtype=I64)  # fmt: skip
+        return _position_mask(g, pos, keys, window, like, key if shared else None)
+    c = primitives.dim(g, past, 2, like)
     slots = g.op("Range", [zero, primitives.scalar_of(g, c, like), one], like=like, dtype=I64)  # [C]
     if form == "linear":
         keys = g.op("Unsqueeze", [slots, _i64(g, "axis0", [0])], like=like, dtype=I64)  # [1, C]: slot = position
@@ -121,6 +125,13 @@ def bias(
             real = g.op("GreaterOrEqual", [pos, zero], like=like, dtype=np.bool_)
             own = g.op("Where", [real, pos, invalid], like=like, dtype=I64)
             keys = g.op("Concat", [keys, own], like=like, dtype=I64, axis=1)  # [B, C + S]
+    return _position_mask(g, pos, keys, window, like, key if shared else None)
+
+
+def _position_mask(
+    g: PassGraph, pos: gs.Tensor, keys: gs.Tensor, window: int, like: gs.Node, memo_key: Any
+) -> gs.Tensor:
+    """Where(key <= query [and key > query - window], 0, min) [B, 1, S, K] from key positions [B|1, K]."""
     k = g.op("Unsqueeze", [keys, _i64(g, "axes12", [1, 2])], like=like, dtype=I64)  # [B|1, 1, 1, K]
     q = g.op("Unsqueeze", [pos, _i64(g, "axes13", [1, 3])], like=like, dtype=I64)  # [B, 1, S, 1]
     allowed = g.op("LessOrEqual", [k, q], like=like, dtype=np.bool_)
@@ -131,8 +142,8 @@ def bias(
         )
     lo = g.constant("f32min", np.array(np.finfo(F32).min, F32))
     result = g.op("Where", [allowed, g.constant("f32zero", np.array(0.0, F32)), lo], like=like, dtype=F32)
-    if shared:
-        g.memo[key] = result
+    if memo_key is not None:
+        g.memo[memo_key] = result
     return result
 
 

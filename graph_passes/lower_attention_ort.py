@@ -61,6 +61,7 @@ GQA = "GroupQueryAttention"
 ROTARY = "RotaryEmbedding"
 MS_DOMAIN = "com.microsoft"
 IFS = "lower_attention_ort.ifs"  # memo: the If of each site, filled by finish()
+INNER_IFS = "lower_attention_ort.inner_ifs"  # memo: Ifs inside those (in-place: a first prompt's attention)
 # GroupQueryAttention inputs onnxruntime's CUDA kernel accepts here: query .. total_sequence_length (it
 # rejects attention_bias; cos/sin/position_ids are for do_rotary, which is off)
 CUDA_GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length")
@@ -174,12 +175,7 @@ def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     full = [g.variable(f"{node.name}/full_{n}", dtype) for n in ("present_key", "present_value")]
     inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node, shared=False)
     inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node, shared=False)
-    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node, shared=False)
-    out4 = g.variable(f"{node.name}/full_out4", dtype)
-    blocks = ([full[0], k4], [full[1], v4]) if window else ([full[0]], [full[1]])
-    inplace_ops.attention(g, q4, blocks[0], blocks[1], bias, a, out4, node)
-    bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
-    out3 = g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
+    out3 = _prompt_attention(g, node, a, q4, k4, v4, full, pos, past_key, dtype)
     cond = _gqa_step(g, pos, past_key, node)
     g.memo.setdefault(IFS, []).append(
         branches.make_if(g, cond, gqa, [out3, *full], [result, present_k, present_v], like=node)
@@ -187,6 +183,46 @@ def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     if o3 is None:
         o4 = g.op("Reshape", [result, g.constant("shape", np.array([0, 0, h, d], np.int64))], like=node, dtype=dtype)
         g.node("Transpose", [o4], [out], like=node, perm=[0, 2, 1, 3])
+
+
+def _prompt_attention(
+    g: PassGraph,
+    node: gs.Node,
+    a: dict,
+    q4: gs.Tensor,
+    k4: gs.Tensor,
+    v4: gs.Tensor,
+    present: list[gs.Variable],
+    pos: gs.Tensor,
+    past_key: gs.Tensor,
+    dtype: np.dtype,
+) -> gs.Tensor:
+    """The standard-op attention of a multi-token step, [B, S, H*Dh]: If(no row continues a sequence:
+    this step's own keys alone, S of them, as the dynamic contract computes a first prompt; else: the
+    written buffer (global) or the ring's older entries plus the step's keys (sliding))."""
+    h, d, window = int(a["num_heads"]), int(a["head_dim"]), int(a["window"])
+
+    def packed(out4: gs.Tensor) -> gs.Tensor:
+        bshd = g.op("Transpose", [out4], like=node, dtype=dtype, perm=[0, 2, 1, 3])
+        return g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
+
+    fresh_out = g.variable(f"{node.name}/fresh_out4", dtype)
+    bias = inplace_ops.bias(g, "fresh", pos, past_key, window, node, shared=False)
+    inplace_ops.attention(g, q4, [k4], [v4], bias, a, fresh_out, node)
+    general_out = g.variable(f"{node.name}/general_out4", dtype)
+    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node, shared=False)
+    blocks = ([present[0], k4], [present[1], v4]) if window else ([present[0]], [present[1]])
+    inplace_ops.attention(g, q4, blocks[0], blocks[1], bias, a, general_out, node)
+    i64 = np.int64
+    first = g.op("Slice", [pos, g.constant("start", [0], i64), g.constant("end", [1], i64),
+                           g.constant("axis1", [1], i64)], like=node, dtype=i64)  # fmt: skip
+    top = g.op("ReduceMax", [first], like=node, dtype=i64, keepdims=0)
+    fresh = g.op("LessOrEqual", [top, g.constant("zero", np.array(0, i64))], like=node, dtype=np.bool_, shape=[])
+    out3 = g.variable(f"{node.name}/prompt_out", dtype)
+    g.memo.setdefault(INNER_IFS, []).append(
+        branches.make_if(g, fresh, [packed(fresh_out)], [packed(general_out)], [out3], like=node)
+    )
+    return out3
 
 
 def _rope_sources(
@@ -320,6 +356,7 @@ def _multi_token_or_padded(g: PassGraph, packed_q: gs.Tensor, mask: gs.Tensor, l
 
 
 def finish(g: PassGraph) -> None:
+    branches.move_into_branches(g, g.memo.get(INNER_IFS, []))  # nested in the outer Ifs' prompt branches
     branches.move_into_branches(g, g.memo.get(IFS, []))
 
 

@@ -49,13 +49,11 @@ def optimize(
         raise OptimizeError(
             f"{model_path}: already optimized (target {manifest.get('target')}); optimize the export instead"
         )
-    if target == "ort" and passes is None and manifest.get("dtype") == "bf16":
-        raise OptimizeError(
-            f"{model_path}: the ort target takes fp32 or fp16 exports (onnxruntime's CPU provider has no bf16 "
-            "kernels); export with --dtype fp16, or use the trt / trt-native targets for bf16"
-        )
+    quantization = manifest.get("quantization")
+    if target == "ort" and passes is None:
+        _check_ort_input(model_path, manifest.get("dtype"), quantization)
     cfg = manifest_config(manifest)
-    chosen = tuple(passes) if passes is not None else passes_for(target, provider)
+    chosen = tuple(passes) if passes is not None else passes_for(target, provider, quantization)
     try:
         proto = onnx.load(str(model_path), load_external_data=False)
     except Exception as e:
@@ -84,6 +82,7 @@ def optimize(
             "source": manifest.get("source"),
             "optimized_from": {"model": str(model_path), "sha256": manifest.get("sha256", {})},
             "passes": [{"name": p.name, "sites": p.count, "expected": _n(p.expected)} for p in reports],
+            **({"quantization": quantization} if quantization else {}),
         }
         if target == "ort":
             extra["provider"] = provider
@@ -119,6 +118,22 @@ def optimize_proto(
     out.metadata_props.extend(proto.metadata_props)
     _check_lowered(out, target)
     return out, reports
+
+
+def _check_ort_input(model_path: Path, dtype: str | None, quantization: dict | None) -> None:
+    """What onnxruntime cannot run, refused before any pass: bf16 (no CPU kernels, also none for bf16
+    DequantizeLinear scales) and fp8 weights (no MatMulNBits fusion: TensorRT only)."""
+    if quantization and quantization.get("scheme") == "fp8":
+        raise OptimizeError(
+            f"{model_path}: fp8 weights are for TensorRT (SM 89+), onnxruntime does not fuse them; use the trt / "
+            "trt-native targets, or export with --quant int8 / int4 for onnxruntime"
+        )
+    if dtype == "bf16":
+        what = f"{quantization['scheme']} with bf16 scales" if quantization else "bf16"
+        raise OptimizeError(
+            f"{model_path}: the ort target takes fp32 or fp16 exports, not {what} (onnxruntime's CPU provider has no "
+            "bf16 kernels); export with --dtype fp16, or use the trt / trt-native targets for bf16"
+        )
 
 
 def check_sites(report: PassReport) -> None:

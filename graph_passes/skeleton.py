@@ -17,18 +17,22 @@ import onnx_ir as ir
 
 from export.config import Gemma2Config, preset
 from export.onnx_export import DATA_FILE, ExportOptions, trace_graph
+from export.quantize import QuantSpec, quantize_graph
 from graph_passes.graph import all_nodes
 from graph_passes.optimize import optimize_proto
 from graph_passes.report import PassReport
-from graph_passes.targets import TARGETS
+from graph_passes.targets import TARGETS, passes_for
 
 
 def graph_only(cfg: Gemma2Config, options: ExportOptions = ExportOptions()) -> onnx.ModelProto:
-    """The export's graph; each weight an external reference into a data file that does not exist."""
+    """The export's graph (quantized as `options` says); each weight an external reference into a data file
+    that does not exist."""
     model = trace_graph(cfg, options)
+    if options.quant:
+        quantize_graph(model.graph, cfg, QuantSpec(options.quant, options.quant_block, options.quant_head))
     offset = 0
     for value in model.graph.initializers.values():
-        if value.const_value is not None:
+        if value.const_value is not None and not isinstance(value.const_value, ir.LazyTensor):
             continue
         assert value.dtype is not None and value.shape is not None and value.name is not None
         length = int(math.prod(value.shape.numpy()) * value.dtype.itemsize)
@@ -44,9 +48,10 @@ def reports(
 ) -> dict[str, tuple[int, int, list[PassReport]]]:
     """target -> (nodes before, nodes after, pass reports); raises SiteCountError like `optimize`."""
     proto = graph_only(cfg, options)
+    quantization = {"head": options.quant_head} if options.quant else None
     out = {}
-    for target, passes in TARGETS.items():
-        optimized, reps = optimize_proto(proto, passes, cfg, target)
+    for target in TARGETS:
+        optimized, reps = optimize_proto(proto, passes_for(target, quantization=quantization), cfg, target)
         out[target] = (len(all_nodes(proto.graph)), len(all_nodes(optimized.graph)), reps)
     return out
 
@@ -71,9 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="2b")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--quant", choices=["int8", "int4", "fp8"])
     args = ap.parse_args()
     cfg = preset(args.preset)
-    print(markdown(args.preset, cfg, reports(cfg, ExportOptions(dtype=args.dtype))))
+    print(markdown(args.preset, cfg, reports(cfg, ExportOptions(dtype=args.dtype, quant=args.quant))))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ it lowers the fused nodes to what its runtime runs fastest.
 
 from __future__ import annotations
 
+from typing import Any
+
 from graph_passes import (
     expand_attention,
     expand_rmsnorm,
@@ -85,7 +87,22 @@ SLIDING_BUFFERS: dict[str, str] = {
 }
 
 
-def passes_for(target: str, provider: str = "cpu") -> tuple[Pass, ...]:
+# Passes a quantized export (export/quantize.py: weights behind DequantizeLinear) does not run:
+# - fuse_parallel_matmuls: ONNX's Concat takes no int4, and for int8 one MatMulNBits on the concatenated
+#   weights saved at most 1.5 µs per layer (medium q/k/v) and nothing on gate/up or the 2B shapes
+#   (benchmarks/quant/parallel_matmuls.md).
+#   onnxruntime fuses each DQ -> MatMul into its own MatMulNBits instead.
+# - lower_tied_head_ort, when the head is quantized: the head reads its own quantized [hidden, vocab]
+#   copy, not Transpose(embedding), so there is no transposed float copy left to avoid.
+SKIPPED_WHEN_QUANTIZED: dict[str, tuple[Pass, ...]] = {
+    "weights": (fuse_parallel_matmuls.PASS,),
+    "head": (lower_tied_head_ort.PASS,),
+}
+
+
+def passes_for(target: str, provider: str = "cpu", quantization: dict[str, Any] | None = None) -> tuple[Pass, ...]:
+    """`target`'s passes (in `provider`'s form); for a quantized export (the manifest's `quantization`),
+    without those SKIPPED_WHEN_QUANTIZED names."""
     from graph_passes.errors import OptimizeError
 
     if provider not in PROVIDERS:
@@ -97,4 +114,8 @@ def passes_for(target: str, provider: str = "cpu") -> tuple[Pass, ...]:
     if provider != "cpu" and target != "ort":
         raise OptimizeError(f"--provider {provider} applies to the ort target only (target {target} has one form)")
     swap = PROVIDER_FORMS.get((target, provider), {})
-    return tuple(swap.get(p.name, p) for p in passes)
+    passes = tuple(swap.get(p.name, p) for p in passes)
+    if not quantization:
+        return passes
+    skipped = SKIPPED_WHEN_QUANTIZED["weights"] + (SKIPPED_WHEN_QUANTIZED["head"] if quantization.get("head") else ())
+    return tuple(p for p in passes if p not in skipped)

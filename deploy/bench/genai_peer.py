@@ -122,3 +122,24 @@ class GenaiModel:
         if [t[0] for t in tokens] != first:  # the sequence must hold what was generated
             raise GenaiError("onnxruntime-genai returned inconsistent sequences")
         return {"ttft_s": ttft, "step_s": steps, "tokens": tokens, "kv_bytes": None}
+
+
+def teacher_forced_logits(model_dir: Path, input_ids: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Logits [tokens, V] (fp64) of a genai model over `input_ids` [1, tokens], teacher-forced in one prefill
+    by genai's own Generator (its graph computes logits for every prompt position)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    raw = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    window = int((raw.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max(input_ids.shape[1] + 1, window), do_sample=False, batch_size=1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(input_ids.astype(np.int32))
+    logits = np.asarray(generator.get_output("logits"))
+    if logits.shape[:2] != (1, input_ids.shape[1]):
+        raise GenaiError(f"onnxruntime-genai returned logits {logits.shape} for {input_ids.shape[1]} tokens")
+    return logits[0].astype(np.float64)

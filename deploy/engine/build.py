@@ -30,6 +30,10 @@ from deploy.engine.report import BuildReport
 from export.atomic import atomic_file
 from export.errors import G2trtError
 
+# Quantized weights TensorRT cannot build below an SM: FP8 needs Ada (89) or newer; INT4 block
+# quantization needs Ampere (80) (docs/quantization.md).
+_MIN_SM = {"fp8": 89, "int4": 80}
+
 
 class BuildError(G2trtError):
     """TensorRT could not parse or build the graph, or the graph needs what the backend lacks."""
@@ -72,6 +76,12 @@ def _build_engine(onnx_path: str | Path, engine_path: str | Path, options: Build
     _check_inplace(onnx_path, static)
     if info.dtype == "bf16" and min(sms) < 80:
         raise UnsupportedTargetError(f"{onnx_path}: bf16 engines need SM 80 or newer (--sm {min(sms)} has no bf16)")
+    need = _MIN_SM.get(info.weights or "")
+    if need is not None and min(sms) < need:
+        raise UnsupportedTargetError(
+            f"{onnx_path}: {info.weights} weights need SM {need} or newer (--sm {min(sms)}); "
+            "export with another --quant for older GPUs"
+        )
 
     trt = backend.trt
     logger = backend.logger(echo=options.verbose)

@@ -49,6 +49,7 @@ class OnnxInfo:
     opset: int
     sha256: str  # of the .onnx file itself (weights in external data are not hashed)
     max_positions: int | None  # from manifest.json beside the model, if any
+    weights: str | None = None  # quantized weights (export --quant): "int4" | "int8" | "fp8"; None: float
 
     @property
     def has_plugins(self) -> bool:
@@ -107,7 +108,17 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
     nodes = _all_nodes(graph) + [n for f in model.functions for n in f.node]
     plugins = collections.Counter(n.op_type for n in nodes if n.domain == DOMAIN or n.op_type in PLUGINS)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return OnnxInfo(path, inputs, outputs, dtype, dict(plugins), opset, _sha256(path), _max_positions(path))
+    weights = _quantized_weights(graph)
+    return OnnxInfo(path, inputs, outputs, dtype, dict(plugins), opset, _sha256(path), _max_positions(path), weights)
+
+
+_QUANTIZED = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.FLOAT8E4M3FN: "fp8", onnx.TensorProto.INT8: "int8"}
+
+
+def _quantized_weights(graph: onnx.GraphProto) -> str | None:
+    """The narrowest quantized weight type among the initializers (export/quantize.py writes one kind)."""
+    found = {_QUANTIZED[i.data_type] for i in graph.initializer if i.data_type in _QUANTIZED}
+    return next((kind for kind in ("int4", "fp8", "int8") if kind in found), None)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

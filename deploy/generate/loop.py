@@ -183,7 +183,7 @@ def generate_inplace(
         start = now
         if on_step is not None:
             on_step(new)
-        done |= np.isin(new, stop)
+        done |= (new[:, None] == stop).any(axis=1)  # np.isin costs ~10 us a call on these tiny arrays
         if n == new_max or done.all():
             break
         step_ids[:, 0] = new

@@ -6,6 +6,10 @@ nodes as the PyTorch reference ops (trt_plugins/ort_ops.py), so a TensorRT graph
 on CPU. Cases: deploy/verify/parity.py's parity cases (batch 2 with left padding, a prompt longer than the
 window: window + 9 tokens, 4105 for a real checkpoint, unless `max_len` caps it, which the result then says),
 prefill + 3 decode steps; bound: deploy/verify/parity.py's TOLERANCE for the model's dtype.
+
+Quantized graphs (export/quantize.py) cannot meet those bounds; for them the max |logit diff| of the
+cases is reported, not bounded, and the verdict is teacher-forced top-1 agreement over a token sequence
+(deploy/verify/quality.py: agreement, mean KL, max / mean |logit diff|) against quality.AGREEMENT_BOUND.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from deploy.runners.onnx_reference_runner import OnnxReferenceInplaceRunner, Onn
 from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.verify.parity import TOLERANCE, Bound, Report, compare, compare_inplace, parity_cases
+from deploy.verify.quality import AGREEMENT_BOUND, Quality, quality_ids, teacher_forced
 from export.checkpoint import open_checkpoint
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -43,9 +48,14 @@ class Verification:
     bound: Bound
     longest: int  # tokens of the longest prompt verified
     window: int  # the model's sliding window
+    quality: Quality | None = None  # quantized graphs only: teacher-forced against PyTorch fp32
+    scheme: str | None = None  # quantized graphs: int8 / int4 / fp8
+    agreement_bound: float | None = None  # quantized graphs: the verdict's lowest top-1 agreement
 
     @property
     def ok(self) -> bool:
+        if self.quality is not None and self.agreement_bound is not None:
+            return self.quality.top1_agreement >= self.agreement_bound
         return self.measured <= self.bound.value
 
     @property
@@ -71,6 +81,7 @@ def verify_model(
     reference: Runner | None = None,
     max_len: int | None = None,
     seed: int = 0,
+    quality_tokens: int = 512,
 ) -> Verification:
     """Compare `model_path` with the fp32 PyTorch model of its weights (`reference`, if given, is that
     model already loaded: the pipeline verifies three targets against one)."""
@@ -95,7 +106,14 @@ def verify_model(
     described = str(checkpoint) if checkpoint else _describe(manifest.get("source") or {})
     longest = max(c.input_ids.shape[1] for c in cases)
     target = manifest.get("target", "export")
-    return Verification(model_path, target, dtype, described, report, TOLERANCE[dtype], longest, cfg.sliding_window)
+    v = Verification(model_path, target, dtype, described, report, TOLERANCE[dtype], longest, cfg.sliding_window)
+    quantization = manifest.get("quantization")
+    if not quantization:
+        return v
+    ids = quality_ids(cfg, min(quality_tokens, cfg.max_position_embeddings), seed)
+    quality = teacher_forced(reference, candidate, ids, stepwise=bool(options.get("last_logits_only")))
+    scheme = str(quantization["scheme"])
+    return dataclasses.replace(v, quality=quality, scheme=scheme, agreement_bound=AGREEMENT_BOUND[scheme])
 
 
 def _source(manifest: dict, checkpoint: str | Path | None, model_path: Path) -> WeightSource:

@@ -27,3 +27,15 @@ def test_2b_shaped_graph_every_site_on_every_target() -> None:
         assert counts.get("insert_softcap", 1) == 1
         assert after < before, target
     assert "| ort | **total** |" in markdown("2b", cfg, results)
+
+
+def test_quantized_skeleton_keeps_the_site_counts(tiny_cfg) -> None:
+    from export.onnx_export import ExportOptions
+    from graph_passes.targets import SKIPPED_WHEN_QUANTIZED
+
+    skipped = {p.name for group in SKIPPED_WHEN_QUANTIZED.values() for p in group}
+    quantized = reports(tiny_cfg, ExportOptions(quant="int4"))
+    for target, (_, _, passes) in reports(tiny_cfg).items():
+        want = {p.name: p.count for p in passes if p.name not in skipped}
+        assert {p.name: p.count for p in quantized[target][2]} == want, target
+    assert "| ort | **total** |" in markdown("tiny int4", tiny_cfg, quantized)
