@@ -27,8 +27,8 @@ export's own lazy loader when `ir.save` writes it; a projection's codes and scal
 from __future__ import annotations
 
 import dataclasses
-import threading
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
