@@ -67,11 +67,14 @@ def io_signature(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
 
 
-def build_manifest(cfg: Gemma2Config, model_path: Path, options: Any, stage: str, **extra: Any) -> dict[str, Any]:
-    """Everything about `model_path` a later stage or a human needs; hashes every file it references."""
+def build_manifest(
+    cfg: Gemma2Config, model_path: Path, options: Any, stage: str, hashes: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Everything about `model_path` a later stage or a human needs; hashes every file it references
+    (`hashes`: those already hashed as they were written, by file name)."""
     files = {model_path.name: sha256(model_path)}
     for data in sorted(model_path.parent.glob(model_path.name + ".data*")):
-        files[data.name] = sha256(data)
+        files[data.name] = (hashes or {}).get(data.name) or sha256(data)
     opts = (
         dataclasses.asdict(options)
         if dataclasses.is_dataclass(options) and not isinstance(options, type)

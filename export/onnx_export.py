@@ -2,14 +2,16 @@
 
 How, and why this way:
 1. The model is traced on the *meta* device with `torch.onnx.export(dynamo=True)`: the graph of a
-   27B model costs no weight memory.
+   27B model costs no weight memory. Only one layer per layer kind is traced; export/replicate.py copies
+   them for the other layers (the same graph as a full trace, in seconds instead of a minute at 2B).
 2. onnxscript's optimizer cleans the graph while the weights are still placeholders, so it cannot
    fold, copy or rename them.
 3. Weight-only subgraphs the exporter leaves (`Transpose(W)` of a Linear, `1 + w` of an RMSNorm) are
    folded here, lazily, keeping checkpoint names (`...q_proj.weight.T`, `...input_layernorm.weight.plus_one`).
    A tied `lm_head` keeps its `Transpose(embed_tokens)` node: one copy of the embedding on disk.
-4. `onnx_ir.save` pulls each weight from the source (HF safetensors or the seeded random model) as it
-   writes the external data file: peak memory is about one tensor.
+4. Each weight is pulled from the source (HF safetensors or the seeded random model) as the external data
+   file is written (export/write.py: the next weight is prepared on a second thread while this one is
+   written and hashed): peak memory is about the largest tensor, twice.
 5. With `quant`, export/quantize.py puts the projections' weights behind DequantizeLinear first; their
    codes are computed from those same lazy weights as they are written.
 """
@@ -39,7 +41,9 @@ from export.kv_cache import onnx_kv_write
 from export.manifest import build_manifest, write_manifest
 from export.model import Gemma2ForCausalLM, rope_inv_freq
 from export.quantize import QuantSpec, Scheme, check_spec, quantize_graph
+from export.replicate import prefix_config, replicate
 from export.weights import DTYPES, WeightSource, to_numpy
+from export.write import save_with_data
 
 DType = Literal["fp32", "fp16", "bf16"]
 MODEL_FILE = "model.onnx"
@@ -64,6 +68,7 @@ class ExportOptions:
     opset: int | None = None  # None: 18 for the dynamic contract, 24 (TensorScatter) for the in-place one
     last_logits_only: bool = False  # prefill emits logits [B, 1, V]: generation reads nothing else
     naive_fp16: bool = False  # fp16 residual stream, as HF runs it; only to show why it overflows
+    full_trace: bool = False  # trace every layer (slow), not one per layer kind: what export/replicate.py equals
     kv_cache: io.KvCache = "dynamic"  # export.io_contract: "inplace" writes fixed-size buffers in place
     quant: Scheme | None = None  # weight-only int8 / int4 / fp8 of the linear projections (export/quantize.py)
     quant_block: int = 32  # int4 / int8: input rows per scale
@@ -111,7 +116,17 @@ class _FlatInplaceSignature(_FlatSignature):
 
 
 def trace_graph(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
-    """The optimized ONNX graph of `cfg`, its weight initializers left as placeholders (no data)."""
+    """The optimized ONNX graph of `cfg`, its weight initializers left as placeholders (no data).
+
+    Traces one layer per layer kind and copies them for the rest (export/replicate.py: the same graph as a
+    trace of every layer, in a fraction of the time), unless `options.full_trace`.
+    """
+    if options.full_trace:
+        return _trace(cfg, options)
+    return replicate(_trace(prefix_config(cfg), options), cfg)
+
+
+def _trace(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
     dtype = DTYPES[options.dtype]
     residual = torch.float16 if options.naive_fp16 else None
     inplace = options.kv_cache == "inplace"
@@ -178,6 +193,8 @@ def trace_graph(cfg: Gemma2Config, options: ExportOptions) -> ir.Model:
         # which hold local paths and make up most of model.onnx's size.
         for key in ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"):
             node.metadata_props.pop(key, None)
+    for key in ("graph_signature", "range_constraints"):  # FX names of the traced program only
+        graph_model.graph.metadata_props.pop(f"pkg.torch.export.ExportedProgram.{key}", None)
     graph_model.producer_name = "g2trt"
     return graph_model
 
@@ -201,15 +218,12 @@ def export_onnx(
         quantization = quantize_graph(graph_model.graph, cfg, spec)
         options = dataclasses.replace(options, opset=graph_model.graph.opset_imports[""])
 
-    def callback(tensor: ir.TensorProtocol, info: object) -> None:
-        if on_tensor is not None:
-            on_tensor(tensor.name or "", tensor.nbytes)
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        ir.save(graph_model, tmp / MODEL_FILE, external_data=DATA_FILE, callback=callback)
+        data_sha256 = save_with_data(graph_model, tmp / MODEL_FILE, DATA_FILE, on_tensor)
+        hashes = {DATA_FILE: data_sha256}
         extra = {"quantization": quantization} if quantization else {}
-        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, stage="export", source=source.describe(), **extra)
+        manifest = build_manifest(cfg, tmp / MODEL_FILE, options, "export", hashes, source=source.describe(), **extra)
         write_manifest(tmp, manifest)
     return ExportResult(out_dir / MODEL_FILE, out_dir / "manifest.json", manifest, time.perf_counter() - start)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -270,19 +271,23 @@ def _lazy_value(name: str, dtype: ir.DataType, shape: list[int], load: Callable[
 
 
 class _Pair:
-    """Codes and scales of one weight from one read of it; each half is handed out once, then dropped."""
+    """Codes and scales of one weight from one read of it; each half is handed out once, then dropped.
+
+    Locked: export/write.py materializes the next weights on two threads, often the two halves at once."""
 
     def __init__(self, weight: ir.Value, transposed: bool, spec: QuantSpec, float_type: ir.DataType) -> None:
         self.weight, self.transposed, self.spec, self.float_type = weight, transposed, spec, float_type
         self.parts: list[ir.Tensor | None] | None = None
+        self.lock = threading.Lock()
 
     def take(self, index: int) -> ir.Tensor:
-        if self.parts is None or self.parts[index] is None:
-            self.parts = self._compute()
-        part = self.parts[index]
-        assert part is not None
-        self.parts[index] = None
-        return part
+        with self.lock:
+            if self.parts is None or self.parts[index] is None:
+                self.parts = self._compute()
+            part = self.parts[index]
+            assert part is not None
+            self.parts[index] = None
+            return part
 
     def _compute(self) -> list[ir.Tensor | None]:
         tensor = self.weight.const_value

@@ -64,7 +64,7 @@ class RandomWeights:
             std = self.scale * self.config.hidden_size**-0.5
         else:
             std = self.scale * shape[1] ** -0.5
-        return torch.randn(shape, generator=gen) * std
+        return torch.randn(shape, generator=gen).mul_(std)  # in place: the same values, one pass less
 
 
 def open_weights(checkpoint: str | Path | None, preset_name: str = "tiny", seed: int = 0) -> WeightSource:

@@ -1,7 +1,7 @@
 """`optimize(model, target, out)`: an exported g2trt model -> the graph one runtime runs fastest.
 
-Writes OUT/model.onnx (the weights file is hard-linked, or copied across filesystems: passes never
-touch weights), OUT/manifest.json (stage "optimize", the target, for `ort` the execution provider it
+Writes OUT/model.onnx (the weights file is copied, hashed on the way: passes never touch weights),
+OUT/manifest.json (stage "optimize", the target, for `ort` the execution provider it
 was lowered for, what it requires of its runtime, the pass summary, the export's source), and the
 pass report as OUT/passes.txt and OUT/passes.json. A pass that matches fewer sites than the model's
 config implies is an error naming the missing layers (and why each was rejected).
@@ -9,8 +9,6 @@ config implies is an error naming the missing layers (and why each was rejected)
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ import onnx
 
 from export.atomic import atomic_dir
 from export.config import Gemma2Config
+from export.datafile import copy_hashed
 from export.manifest import build_manifest, manifest_config, read_manifest, write_manifest
 from graph_passes.driver import Pass
 from graph_passes.errors import OptimizeError, SiteCountError
@@ -65,8 +64,8 @@ def optimize(
     before, after = all_nodes(proto.graph), all_nodes(optimized.graph)
     with atomic_dir(out_dir) as tmp:
         onnx.save(optimized, str(tmp / MODEL_FILE))
-        for name in _external_files(optimized):
-            _copy_data(model_path.parent / name, tmp / name)
+        known = manifest.get("sha256", {})
+        hashes = {n: _copy_data(model_path.parent / n, tmp / n, known.get(n)) for n in _external_files(optimized)}
         report = OptimizeReport(
             target=target,
             model_path=str(out_dir / MODEL_FILE),
@@ -92,7 +91,7 @@ def optimize(
         options = manifest.get("options") or {"dtype": manifest.get("dtype"), "opset": manifest.get("opset")}
         if options.get("kv_cache") == "inplace" and passes is None:
             extra["kv_cache_sliding"] = SLIDING_BUFFERS[target]
-        write_manifest(tmp, build_manifest(cfg, tmp / MODEL_FILE, options, stage="optimize", **extra))
+        write_manifest(tmp, build_manifest(cfg, tmp / MODEL_FILE, options, "optimize", hashes, **extra))
         (tmp / REPORT_JSON).write_text(report.dumps())
         (tmp / REPORT_TEXT).write_text(report.text())
     return report
@@ -175,26 +174,15 @@ def _external_files(model: onnx.ModelProto) -> list[str]:
     return sorted(names)
 
 
-def _copy_data(src: Path, dst: Path) -> None:
-    """Copy a weights file; copy_file_range lets copy-on-write filesystems share the blocks.
+def _copy_data(src: Path, dst: Path, known_sha256: str | None) -> str:
+    """Copy a weights file and return its sha256 (export.datafile: a reflink where the filesystem has
+    them, else direct I/O, hashed while copied).
 
     Not a hard link: onnx and onnx-ir refuse external data with several links (hard-link attacks).
     """
     if not src.is_file():
         raise OptimizeError(f"{src}: external data file missing")
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            remaining = os.fstat(fin.fileno()).st_size
-            while remaining > 0:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), remaining)
-                if n == 0:
-                    break
-                remaining -= n
-        if remaining == 0:
-            return
-    except OSError:
-        pass
-    shutil.copyfile(src, dst)
+    return copy_hashed(src, dst, known_sha256)
 
 
 def _n(expected: list[str] | None) -> int | None:
