@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from deploy.bench.report import machine_info
+from deploy.bench.report import machine_info  # noqa: E402
 
 EXPORT = r"""
 import json, resource, sys, time
@@ -89,7 +89,8 @@ if device == "meta":
 else:
     model = load_model(RandomWeights(cfg), "fp32")
 b, s, p = 2, 3, 5
-past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, device=device) for _ in range(2 * cfg.num_hidden_layers)]
+past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, device=device)
+        for _ in range(2 * cfg.num_hidden_layers)]
 ids = torch.zeros(b, s, dtype=torch.int64, device=device)
 args = (ids, torch.ones(b, p + s, dtype=torch.int64, device=device), ids.clone(), *past)
 dynamic = None
@@ -254,7 +255,8 @@ def render(run: dict) -> str:
         lines.append(f"| export {a['model']} {a['dtype']} | {_s(b)} | {_s(a)} | {_loads(b, a)} |")
     for a, b in pairs("passes"):
         for part in ("export", "trt", "ort", "trt-native"):
-            what = f"`g2trt export --preset {a['model']}` (wall)" if part == "export" else f"then `optimize --target {part}`"
+            export = f"`g2trt export --preset {a['model']}` (wall)"
+            what = export if part == "export" else f"then `optimize --target {part}`"
             lines.append(f"| {what} | {_s((b or {}).get(part)) if b else ''} | {_s(a.get(part))} | |")
         lines.append(f"| **export + the three targets** | {_s(b)} | **{_s(a)}** | {_loads(b, a)} |")
         if all("seconds" in a.get(k, {}) for k in ("export", "trt")):
@@ -264,15 +266,16 @@ def render(run: dict) -> str:
     if exports:
         lines += [
             "",
-            "Exports in detail (in-process `export_onnx`; trace = `trace_graph`, rest = weights drawn, written, hashed):",
+            "Exports in detail (in-process `export_onnx`; trace = `trace_graph`, "
+            "rest = weights drawn, written, hashed):",
             "",
             "| model | dtype | code | total (s) | trace (s) | rest (s) | peak RSS (GiB) | files (GiB) | load |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in exports:
             lines.append(
-                f"| {r['model']} | {r['dtype']} | {r['code']} | {r['seconds']:.1f} | {r['trace']:.1f} | {r['rest']:.1f} | "
-                f"{r['peak_rss_gib']:.2f} | {r['bytes'] / 2**30:.2f} | {r['load']:.1f} |"
+                f"| {r['model']} | {r['dtype']} | {r['code']} | {r['seconds']:.1f} | {r['trace']:.1f} | "
+                f"{r['rest']:.1f} | {r['peak_rss_gib']:.2f} | {r['bytes'] / 2**30:.2f} | {r['load']:.1f} |"
             )
     base = [r for r in rows if r["kind"] == "baseline"]
     if base:
