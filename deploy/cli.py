@@ -7,6 +7,7 @@ half-written because every writer goes through `export.atomic`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import sys
@@ -674,8 +675,9 @@ def _exit_without_teardown(e: SystemExit) -> NoReturn:
         print(code, file=sys.stderr)
         code = 1
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`g2trt ... | head`) or stream
+            stream.flush()
     os._exit(code or 0)
 
 
