@@ -89,8 +89,8 @@ if device == "meta":
 else:
     model = load_model(RandomWeights(cfg), "fp32")
 b, s, p = 2, 3, 5
-kv = (b, cfg.num_key_value_heads, p, cfg.head_dim)
-past = [torch.zeros(kv, device=device) for _ in range(2 * cfg.num_hidden_layers)]
+past = [torch.zeros(b, cfg.num_key_value_heads, p, cfg.head_dim, device=device)
+        for _ in range(2 * cfg.num_hidden_layers)]
 ids = torch.zeros(b, s, dtype=torch.int64, device=device)
 args = (ids, torch.ones(b, p + s, dtype=torch.int64, device=device), ids.clone(), *past)
 dynamic = None
@@ -275,8 +275,7 @@ def render(run: dict) -> str:
         for r in exports:
             lines.append(
                 f"| {r['model']} | {r['dtype']} | {r['code']} | {r['seconds']:.1f} | {r['trace']:.1f} | "
-                f"{r['rest']:.1f} | "
-                f"{r['peak_rss_gib']:.2f} | {r['bytes'] / 2**30:.2f} | {r['load']:.1f} |"
+                f"{r['rest']:.1f} | {r['peak_rss_gib']:.2f} | {r['bytes'] / 2**30:.2f} | {r['load']:.1f} |"
             )
     base = [r for r in rows if r["kind"] == "baseline"]
     if base:

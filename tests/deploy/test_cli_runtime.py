@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -12,6 +14,8 @@ from click.testing import CliRunner
 
 from deploy.cli import cli
 from deploy.generate.tokenizer import write_id_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str):
@@ -184,3 +188,22 @@ def test_engine_profile_that_does_not_fix_the_cache(runtime_inplace_export, tmp_
         "profile cache must be fixed",
     )
     assert not engine.parent.exists() or not any(engine.parent.iterdir())
+
+
+def test_console_entry_keeps_exit_codes_and_streams(tmp_path):
+    """`main` (the `g2trt` script) skips the interpreter's teardown (os._exit): nothing of click's exit is lost."""
+
+    def g2trt(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "deploy.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    ok = g2trt("export", "--help")
+    assert ok.returncode == 0 and ok.stdout.startswith("Usage: g2trt export"), ok
+    usage = g2trt("export")  # no --out
+    assert usage.returncode == 2 and "Missing option '--out'" in usage.stderr, usage
+    bad = g2trt("export", "--out", str(tmp_path / "o"), "--kv-cache", "inplace", "--opset", "18")
+    assert bad.returncode == 1, bad
+    assert bad.stderr.strip().splitlines() == [
+        "error: --opset 18: the in-place KV cache needs opset >= 24 (ONNX TensorScatter)"
+    ], bad.stderr
+    assert not (tmp_path / "o").exists()
