@@ -209,6 +209,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/export/bench_export.py", *sys.argv[1:]])
     run = {"command": command, "machine": machine_info(), "python": platform.python_version(), "rows": rows}
     run["date"] = time.strftime("%Y-%m-%d %H:%M")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(run, indent=2) + "\n")
     args.out.write_text(render(run))
 

@@ -35,7 +35,10 @@ def test_every_runnable_backend_ran_and_agrees_with_torch(bench):
         if name != "torch":  # greedy tokens, same prompt: the peer builder's model included
             assert (row.agree_with, row.agree) == ("torch", 1.0), name
     assert rows["ort-plain"].ttft_speedup == rows["ort-plain"].decode_speedup == 1.0
-    assert rows["ort-genai"].kv_mib is None and rows["ort"].kv_mib == rows["ort-plain"].kv_mib > 0
+    assert rows["ort-genai"].kv_mib is None and rows["ort-plain"].kv_mib > 0
+    # the ort target's sliding layers take full buffers (graph_passes/targets.py: GQA decodes every layer),
+    # the plain export's rings of the window: more cache once a sequence outgrows the window
+    assert rows["ort"].kv_mib > rows["ort-plain"].kv_mib
 
 
 def test_results_written(bench):

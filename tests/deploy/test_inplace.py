@@ -102,7 +102,15 @@ def test_logits_within_bound_of_the_dynamic_contract(target, inplace_graphs, run
 
 def test_sliding_buffers_each_target_needs(inplace_graphs) -> None:
     assert graph_contract(read_manifest(inplace_graphs("trt-native"))) == ("inplace", True)  # linear writes
-    assert graph_contract(read_manifest(inplace_graphs("ort")))[1] is False
+    assert graph_contract(read_manifest(inplace_graphs("ort"))) == ("inplace", True)  # GQA on every layer
+
+
+def test_ort_target_on_sliding_rings(inplace_graphs, runtime_cfg, prompts, reference_tokens) -> None:
+    """The ort graph also runs on rings (sliding layers then decode by its standard-op branch once a
+    sequence outgrows the ring): what a runner told `full_sliding=False` allocates, e.g. to save memory."""
+    runner = OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, full_sliding=False)
+    got = generate(runner, prompts, GenerationConfig(max_new_tokens=NEW, stop_tokens=()))
+    assert got.tokens == reference_tokens
 
 
 def test_generation_that_does_not_fit_is_refused(inplace_graphs, runtime_cfg) -> None:
