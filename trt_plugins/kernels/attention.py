@@ -27,6 +27,7 @@ Grid: (cdiv(S * n_rep, BLOCK_M) + cdiv(P + S, COPY_M), B * KV, 1).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -190,6 +191,59 @@ def default_blocks(dtype: str, block_d: int) -> tuple[int, int, int, int]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The checked head geometry and tile sizes of an attention kernel (this one and the in-place one)."""
+
+    n_rep: int  # query heads per KV head
+    block_m: int
+    copy_m: int  # tokens per append / write tile
+    num_warps: int
+    num_stages: int
+    constexprs: dict[str, Any]
+
+
+def tiles(
+    plugin: str,
+    float_dtype: str,
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    softcap: float,
+    window: int,
+    block_m: int | None,
+    block_n: int | None,
+) -> Tiles:
+    """Check one plugin node's head attributes and choose its tiles (`default_blocks`, overridable)."""
+    h, kvh, hd = int(num_heads), int(kv_heads), int(head_dim)
+    if h <= 0 or kvh <= 0 or h % kvh:
+        raise G2trtError(f"plugin {plugin}: num_heads {h} must be a positive multiple of kv_heads {kvh}")
+    if not 0 < hd <= MAX_HEAD_DIM:
+        raise G2trtError(f"plugin {plugin}: head_dim {hd} not in 1..{MAX_HEAD_DIM}")
+    if int(window) < 0 or float(softcap) < 0:
+        raise G2trtError(f"plugin {plugin}: window and softcap must be >= 0, got {window}, {softcap}")
+    block_d = max(16, next_pow2(hd))
+    bm, bn, warps, stages = default_blocks(float_dtype, block_d)
+    bm, bn = block_m or bm, block_n or bn
+    if not (16 <= bm <= 128 and 16 <= bn <= 128) or bm & (bm - 1) or bn & (bn - 1):
+        raise G2trtError(f"plugin {plugin}: block sizes must be powers of two in 16..128, got {bm}x{bn}")
+    copy_m = max(8, 4096 // block_d)
+    constexprs = {
+        "H": h,
+        "KV": kvh,
+        "HEAD_DIM": hd,
+        "SCALE": float(scale),
+        "SOFTCAP": float(softcap),
+        "WINDOW": int(window),
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_D": block_d,
+        "COPY_M": copy_m,
+    }
+    return Tiles(h // kvh, bm, copy_m, warps, stages, constexprs)
+
+
 def plan(
     dtype: str,
     *,
@@ -213,20 +267,8 @@ def plan(
     if len(floats) != 1:
         raise G2trtError(f"plugin {SPEC.name}: query, key, value and the past must share one dtype, got {dts}")
     (float_dtype,) = floats
-    h, kvh, hd = int(num_heads), int(kv_heads), int(head_dim)
-    if h <= 0 or kvh <= 0 or h % kvh:
-        raise G2trtError(f"plugin {SPEC.name}: num_heads {h} must be a positive multiple of kv_heads {kvh}")
-    if not 0 < hd <= MAX_HEAD_DIM:
-        raise G2trtError(f"plugin {SPEC.name}: head_dim {hd} not in 1..{MAX_HEAD_DIM}")
-    if int(window) < 0 or float(softcap) < 0:
-        raise G2trtError(f"plugin {SPEC.name}: window and softcap must be >= 0, got {window}, {softcap}")
-    block_d = max(16, next_pow2(hd))
-    bm, bn, warps, stages = default_blocks(float_dtype, block_d)
-    bm, bn = block_m or bm, block_n or bn
-    if not (16 <= bm <= 128 and 16 <= bn <= 128) or bm & (bm - 1) or bn & (bn - 1):
-        raise G2trtError(f"plugin {SPEC.name}: block sizes must be powers of two in 16..128, got {bm}x{bn}")
-    copy_m = max(8, 4096 // block_d)
-    n_rep = h // kvh
+    t = tiles(SPEC.name, float_dtype, num_heads, kv_heads, head_dim, scale, softcap, window, block_m, block_n)
+    bm, copy_m, n_rep, kvh = t.block_m, t.copy_m, t.n_rep, int(kv_heads)
 
     def grid(shapes: Sequence[Sequence[Any]], cdiv: Cdiv) -> tuple[Any, Any, Any]:
         s, p = shapes[0][2], shapes[3][2]
@@ -252,20 +294,9 @@ def plan(
             "pres_k_ptr": f"*{pres_k_dt}",
             "pres_v_ptr": f"*{pres_v_dt}",
         },
-        constexprs={
-            "H": h,
-            "KV": kvh,
-            "HEAD_DIM": hd,
-            "SCALE": float(scale),
-            "SOFTCAP": float(softcap),
-            "WINDOW": int(window),
-            "BLOCK_M": bm,
-            "BLOCK_N": bn,
-            "BLOCK_D": block_d,
-            "COPY_M": copy_m,
-        },
-        num_warps=num_warps or warps,
-        num_stages=num_stages or stages,
+        constexprs=t.constexprs,
+        num_warps=num_warps or t.num_warps,
+        num_stages=num_stages or t.num_stages,
         grid=grid,
         scalars=scalars,
     )

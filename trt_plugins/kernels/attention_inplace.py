@@ -62,8 +62,8 @@ from torch import Tensor
 from export.errors import G2trtError
 from trt_plugins import attention_inplace as op
 from trt_plugins.attention_inplace import SPEC
-from trt_plugins.kernels.attention import MAX_GRID_Y, MAX_HEAD_DIM, _dot, default_blocks
-from trt_plugins.kernels.common import Cdiv, KernelPlan, dtype_name, next_pow2, resolve_dtypes, tanh_f32
+from trt_plugins.kernels.attention import MAX_GRID_Y, _dot, tiles
+from trt_plugins.kernels.common import Cdiv, KernelPlan, dtype_name, resolve_dtypes, tanh_f32
 
 
 @triton.jit
@@ -206,20 +206,8 @@ def plan(
     if len(floats) != 1:
         raise G2trtError(f"plugin {SPEC.name}: query, key, value and the cache must share one dtype, got {dts}")
     (float_dtype,) = floats
-    h, kvh, hd = int(num_heads), int(kv_heads), int(head_dim)
-    if h <= 0 or kvh <= 0 or h % kvh:
-        raise G2trtError(f"plugin {SPEC.name}: num_heads {h} must be a positive multiple of kv_heads {kvh}")
-    if not 0 < hd <= MAX_HEAD_DIM:
-        raise G2trtError(f"plugin {SPEC.name}: head_dim {hd} not in 1..{MAX_HEAD_DIM}")
-    if int(window) < 0 or float(softcap) < 0:
-        raise G2trtError(f"plugin {SPEC.name}: window and softcap must be >= 0, got {window}, {softcap}")
-    block_d = max(16, next_pow2(hd))
-    bm, bn, warps, stages = default_blocks(float_dtype, block_d)
-    bm, bn = block_m or bm, block_n or bn
-    if not (16 <= bm <= 128 and 16 <= bn <= 128) or bm & (bm - 1) or bn & (bn - 1):
-        raise G2trtError(f"plugin {SPEC.name}: block sizes must be powers of two in 16..128, got {bm}x{bn}")
-    copy_m = max(8, 4096 // block_d)
-    n_rep = h // kvh
+    t = tiles(SPEC.name, float_dtype, num_heads, kv_heads, head_dim, scale, softcap, window, block_m, block_n)
+    bm, copy_m, n_rep, kvh = t.block_m, t.copy_m, t.n_rep, int(kv_heads)
 
     def grid(shapes: Sequence[Sequence[Any]], cdiv: Cdiv) -> tuple[Any, Any, Any]:
         s = shapes[0][2]
@@ -245,20 +233,9 @@ def plan(
             "pres_k_ptr": f"*{pres_k_dt}",
             "pres_v_ptr": f"*{pres_v_dt}",
         },
-        constexprs={
-            "H": h,
-            "KV": kvh,
-            "HEAD_DIM": hd,
-            "SCALE": float(scale),
-            "SOFTCAP": float(softcap),
-            "WINDOW": int(window),
-            "BLOCK_M": bm,
-            "BLOCK_N": bn,
-            "BLOCK_D": block_d,
-            "COPY_M": copy_m,
-        },
-        num_warps=num_warps or warps,
-        num_stages=num_stages or stages,
+        constexprs=t.constexprs,
+        num_warps=num_warps or t.num_warps,
+        num_stages=num_stages or t.num_stages,
         grid=grid,
         scalars=scalars,
     )
