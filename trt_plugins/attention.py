@@ -24,18 +24,20 @@ from trt_plugins.spec import Attr, PluginSpec
 
 T = TypeVar("T")
 
+ATTRS = (  # both attention plugins' (trt_plugins/attention_inplace.py takes the same)
+    Attr("num_heads", "int", "query heads H"),
+    Attr("kv_heads", "int", "key/value heads KV (H % KV == 0)"),
+    Attr("head_dim", "int", "Dh"),
+    Attr("scale", "float", "score scale, query_pre_attn_scalar ** -0.5"),
+    Attr("softcap", "float", "attention logit soft-cap c; 0 = none", 0.0),
+    Attr("window", "int", "sliding window in tokens; 0 = global causal", 0),
+)
+
 SPEC = PluginSpec(
     name="SlidingWindowAttention",
     inputs=("query", "key", "value", "past_key", "past_value", "attention_mask"),
     outputs=("out", "present_key", "present_value"),
-    attrs=(
-        Attr("num_heads", "int", "query heads H"),
-        Attr("kv_heads", "int", "key/value heads KV (H % KV == 0)"),
-        Attr("head_dim", "int", "Dh"),
-        Attr("scale", "float", "score scale, query_pre_attn_scalar ** -0.5"),
-        Attr("softcap", "float", "attention logit soft-cap c; 0 = none", 0.0),
-        Attr("window", "int", "sliding window in tokens; 0 = global causal", 0),
-    ),
+    attrs=ATTRS,
     doc=__doc__ or "",
 )
 

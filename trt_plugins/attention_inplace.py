@@ -22,7 +22,8 @@ from torch import Tensor
 
 from export import kv_cache
 from export.model import grouped_attention
-from trt_plugins.spec import Attr, PluginSpec
+from trt_plugins.attention import ATTRS
+from trt_plugins.spec import PluginSpec
 
 T = TypeVar("T")
 
@@ -30,14 +31,7 @@ SPEC = PluginSpec(
     name="SlidingWindowAttentionInplace",
     inputs=("query", "key", "value", "past_key", "past_value", "position_ids"),
     outputs=("out", "present_key", "present_value"),
-    attrs=(
-        Attr("num_heads", "int", "query heads H"),
-        Attr("kv_heads", "int", "key/value heads KV (H % KV == 0)"),
-        Attr("head_dim", "int", "Dh"),
-        Attr("scale", "float", "score scale, query_pre_attn_scalar ** -0.5"),
-        Attr("softcap", "float", "attention logit soft-cap c; 0 = none", 0.0),
-        Attr("window", "int", "sliding window in tokens; 0 = global causal", 0),
-    ),
+    attrs=ATTRS,
     doc=__doc__ or "",
 )
 ALIASES = {1: 3, 2: 4}  # output index -> the input index it shares memory with
