@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from deploy.engine.gpu_info import describe_sm, local_sm
 from export.errors import G2trtError
+from export.gc_pause import gc_paused
 
 BackendName = Literal["tensorrt", "tensorrt-rtx"]
 BACKENDS: tuple[BackendName, ...] = ("tensorrt", "tensorrt-rtx")
@@ -176,13 +177,10 @@ def no_gc_inside_tensorrt() -> Iterator[None]:
     whose destructor takes the same lock: the process deadlocks (seen with TensorRT-RTX 1.7.1 in CI). With the
     collector off during TensorRT work and run afterwards, such objects are freed outside TensorRT's locks.
     """
-    enabled = gc.isenabled()
-    gc.disable()
     try:
-        yield
+        with gc_paused():
+            yield
     finally:
-        if enabled:
-            gc.enable()
         gc.collect()
 
 
