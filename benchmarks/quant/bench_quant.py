@@ -141,11 +141,12 @@ class InplaceModel:
     present, inputs and logits in bound arrays); the cache is allocated once per trial."""
 
     def __init__(self, path: Path, cfg: Gemma2Config, threads: int) -> None:
+        from deploy.runners.factory import graph_contract
         from deploy.runners.ort_runner import OrtInplaceRunner
         from export.manifest import read_manifest
 
         self.cfg = cfg
-        full_sliding = read_manifest(path).get("kv_cache_sliding") == "full"  # as runners.factory.graph_contract
+        _, full_sliding = graph_contract(read_manifest(path))
         self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full_sliding)
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
