@@ -106,15 +106,17 @@ def allocate_buffers(
 
 def check_step(cache: InplaceCache, input_ids: np.ndarray, position_ids: np.ndarray, window: int) -> None:
     """One-line errors for a step the cache cannot hold (the graph would silently wrap or drop keys)."""
-    if input_ids.shape != position_ids.shape or input_ids.ndim != 2:
-        raise CacheSizeError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} must be [B, S] alike")
-    if input_ids.shape[0] != cache.batch:
-        raise CacheSizeError(f"a batch of {input_ids.shape[0]} rows for a cache of {cache.batch}")
-    last = int(position_ids[:, -1].max())
+    # Plain Python on the few values it reads: numpy reductions here cost a tiny model's step ~10 µs.
+    shape = input_ids.shape
+    if shape != position_ids.shape or len(shape) != 2:
+        raise CacheSizeError(f"input_ids {shape} and position_ids {position_ids.shape} must be [B, S] alike")
+    if shape[0] != cache.batch:
+        raise CacheSizeError(f"a batch of {shape[0]} rows for a cache of {cache.batch}")
+    last = max(position_ids[:, -1].tolist())
     if last >= cache.length:
         raise CacheSizeError(f"position {last} does not fit a KV cache of {cache.length} slots")
-    s = input_ids.shape[1]
-    if s > 1 and cache.ring < cache.length and int(position_ids[:, 0].max()) > 0 and s + window - 1 > cache.ring:
+    s = shape[1]
+    if s > 1 and cache.ring < cache.length and max(position_ids[:, 0].tolist()) > 0 and s + window - 1 > cache.ring:
         raise CacheSizeError(
             f"a {s}-token step continuing a sequence needs a sliding ring of window + {s - 1} = "
             f"{window + s - 1} slots; this cache has {cache.ring}"
