@@ -279,33 +279,42 @@ def _rope_positions(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> gs.Tensor:
 
 def _inplace_lengths(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> tuple[gs.Tensor, gs.Tensor]:
     """GroupQueryAttention's seqlens_k (each row's last position: one token, the rest of the row before
-    it) and total_sequence_length (the longest row), for the shared buffer."""
+    it) and total_sequence_length (the longest row), for the shared buffer. GQA runs only on one-token
+    steps, where the largest position overall is the largest last one: the If condition's maximum serves."""
     if "gqa_inplace_lengths" not in g.memo:
         i64, i32 = np.int64, np.int32
         last = g.op("Slice", [pos, g.constant("start", [-1], i64), g.constant("i64max", [primitives.I64_MAX], i64),
                               g.constant("axis1", [1], i64)], like=like, dtype=i64)  # fmt: skip
         flat = g.op("Reshape", [last, g.constant("shape_flat", [-1], i64)], like=like, dtype=i64)
-        top = g.op("ReduceMax", [flat], like=like, dtype=i64, keepdims=0)
-        total = g.op("Add", [top, g.constant("one", np.array(1, i64))], like=like, dtype=i64)
+        total = g.op("Add", [_top_position(g, pos, like), g.constant("one", np.array(1, i64))], like=like, dtype=i64)
         g.memo["gqa_inplace_lengths"] = (primitives.cast(g, flat, i32, like), primitives.cast(g, total, i32, like))
     return g.memo["gqa_inplace_lengths"]
+
+
+def _top_position(g: PassGraph, pos: gs.Tensor, like: gs.Node) -> gs.Tensor:
+    """max(position_ids), a scalar: one op for every layer's condition and lengths."""
+    if "top_position" not in g.memo:
+        g.memo["top_position"] = g.op("ReduceMax", [pos], like=like, dtype=np.int64, keepdims=0, shape=[])
+    return g.memo["top_position"]
 
 
 def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> gs.Tensor:
     """`S == 1 and C > max(position)`: a one-token step whose positions index this buffer unwrapped (every
     global buffer; a sliding buffer only when the runtime gave it the full length), as GQA writes them.
-    S is read from position_ids, so the condition needs nothing the branches compute."""
+    S is read from position_ids, so the condition needs nothing the branches compute. A one-element [1]
+    condition (ONNX If takes any single-element tensor): a decode step runs no op it can spare, which is
+    what a small model's step time is made of (one `S == 1` for all layers, one `C > max` per buffer size)."""
     length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
     key = ("gqa_step", length if isinstance(length, (str, int)) else past.name)
     if key not in g.memo:
         i64 = np.int64
-        seq = primitives.dim(g, pos, 1, like)
-        one_token = g.op("Equal", [seq, g.constant("one", [1], i64)], like=like, dtype=np.bool_)
-        top = g.op("ReduceMax", [pos], like=like, dtype=i64, keepdims=0)
-        fits = g.op("Greater", [primitives.scalar_of(g, primitives.dim(g, past, 2, like), like), top], like=like,
-                    dtype=np.bool_)  # fmt: skip
-        both = g.op("And", [one_token, fits], like=like, dtype=np.bool_)
-        g.memo[key] = g.op("Squeeze", [both, g.constant("axis0", [0], i64)], like=like, dtype=np.bool_, shape=[])
+        if "one_token" not in g.memo:
+            g.memo["one_token"] = g.op(
+                "Equal", [primitives.dim(g, pos, 1, like), g.constant("one", [1], i64)], like=like, dtype=np.bool_
+            )
+        fits = g.op("Greater", [primitives.dim(g, past, 2, like), _top_position(g, pos, like)], like=like,
+                    dtype=np.bool_, shape=[1])  # fmt: skip
+        g.memo[key] = g.op("And", [g.memo["one_token"], fits], like=like, dtype=np.bool_, shape=[1])
     return g.memo[key]
 
 
