@@ -7,8 +7,9 @@ standard ops (prompts): the faster per step kind (docs/graph_passes.md). onnxrun
 executing its branch as a subgraph, with per-call bookkeeping. This measures that bookkeeping: the same
 graph with every `If` replaced by its GroupQueryAttention branch inlined (a decode-only graph: wrong for
 prompts, so the prompt runs on the original graph, then both decode the same cache content), one-token
-steps timed alone (`OrtInplaceRunner.step`), interleaved, an idle pause before each trial, medians. Not
-a g2trt feature: a measurement that says where the tiny model's decode gap to onnxruntime-genai sits.
+steps timed alone (`OrtInplaceRunner.step`), interleaved, an idle pause before each trial, medians. The
+inlined graph is graph_passes/decode_graph.py's one-token form, which `OrtInplaceRunner` now runs on its
+own for graphs of small weights (`decode_graph`); here both runners are told which graph to run.
 Writes results_if_cost.{json,md} beside this script.
 """
 
@@ -35,44 +36,13 @@ from export.config import preset  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
 from graph_passes import optimize  # noqa: E402
-
-
-def _has_gqa(graph: onnx.GraphProto) -> bool:
-    return any(
-        n.op_type == "GroupQueryAttention"
-        or any(a.type == onnx.AttributeProto.GRAPH and _has_gqa(a.g) for a in n.attribute)
-        for n in graph.node
-    )
+from graph_passes.decode_graph import decode_graph  # noqa: E402
 
 
 def decode_only(src: Path, dst: Path) -> int:
-    """`src` with each top-level If replaced by the nodes of its GroupQueryAttention branch; returns how many."""
+    """`src` in its one-token form (graph_passes/decode_graph.py), saved to `dst`; returns how many Ifs."""
     model = onnx.load(src)
-    g = model.graph
-    names = {i.name for i in g.initializer}
-    nodes, count = [], 0
-    for node in g.node:
-        if node.op_type != "If":
-            nodes.append(node)
-            continue
-        count += 1
-        branch = next(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH and _has_gqa(a.g))
-        rename = {o.name: out for o, out in zip(branch.output, node.output, strict=True)}
-        for n in branch.node:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(n)
-            copy.output[:] = [rename.get(o, o) for o in copy.output]
-            nodes.append(copy)
-        produced = {o for n in branch.node for o in n.output}
-        for o in branch.output:
-            if o.name not in produced:  # a branch output passed through from outside
-                nodes.append(onnx.helper.make_node("Identity", [o.name], [rename[o.name]]))
-        for init in branch.initializer:
-            if init.name not in names:
-                g.initializer.append(init)
-                names.add(init.name)
-    del g.node[:]
-    g.node.extend(nodes)
+    count = decode_graph(model)
     onnx.save(model, dst, save_as_external_data=True, location=dst.name + ".data")
     return count
 
@@ -95,7 +65,7 @@ def main() -> None:
         graph = Path(optimize(exported.model_path, "ort", work / "ort").model_path)
         flat = work / "decode_only.onnx"
         ifs = decode_only(graph, flat)
-        full = OrtInplaceRunner(graph, cfg, threads=args.threads, full_sliding=True)
+        full = OrtInplaceRunner(graph, cfg, threads=args.threads, full_sliding=True, decode_graph=False)
         inlined = OrtInplaceRunner(flat, cfg, threads=args.threads, full_sliding=True)
         runners = {"ort target (If per layer)": full, "its GQA branches inlined": inlined}
         prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, args.prompt))

@@ -86,18 +86,31 @@ class OrtInplaceRunner(_OrtModel):
 
     The logits returned are the bound output array itself: valid until the next step of that shape
     (copy them to keep them).
+
+    `decode_graph`: one-token steps on full-length buffers run the graph's one-token form
+    (graph_passes/decode_graph.py: no per-layer `If`) in a second session. None = when the graph is an
+    `ort` in-place graph whose weights take at most `DECODE_GRAPH_MAX_BYTES`: the second session holds a
+    second copy of them, and only on a model that small is the `If`s' time worth it (docs/kv_cache.md).
     """
 
     kv_cache: Literal["inplace"] = "inplace"
 
     def __init__(
-        self, model_path: str | Path, config: Gemma2Config, *, full_sliding: bool = False, **options: Any
+        self,
+        model_path: str | Path,
+        config: Gemma2Config,
+        *,
+        full_sliding: bool = False,
+        decode_graph: bool | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(model_path, config, **options)
         self.full_sliding = full_sliding
         logits = next(o for o in self.session.get_outputs() if o.name == io.LOGITS)
         self.last_logits_only = logits.shape[1] == 1
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
+        self._last: _Binding | None = None  # the binding of the latest one-token step
+        self.decode_session = _decode_session(Path(model_path), self.session, decode_graph, options)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
         ring = length if self.full_sliding or ring is None else ring
@@ -105,28 +118,36 @@ class OrtInplaceRunner(_OrtModel):
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:
         check_step(cache, input_ids, position_ids, self.config.sliding_window)
-        b, s = input_ids.shape
-        key = (_address(cache.buffers[0][0]), b, s)
-        binding = self._bindings.get(key)
-        if binding is None:
-            binding = self._bind(cache, b, s)
+        last = self._last  # a decode loop steps one cache at one shape: no lookup, no address to read
+        if last is not None and last.cache is cache and last.input_ids.shape == input_ids.shape:
+            binding = last
+        else:
+            b, s = input_ids.shape
+            key = (_address(cache.buffers[0][0]), b, s)
+            binding = self._bindings.get(key) or self._bind(cache, b, s)
             if s == 1:  # decode shapes repeat every token; prompt shapes rarely do
-                self._bindings[key] = binding
+                self._bindings[key] = self._last = binding
         binding.input_ids[...] = input_ids
         binding.position_ids[...] = position_ids
-        self.session.run_with_iobinding(binding.io)
+        binding.session.run_with_iobinding(binding.io)
         return binding.logits
 
     def release(self, cache: InplaceCache) -> None:
         """Forget the bindings of `cache` (they keep its buffers alive)."""
         first = _address(cache.buffers[0][0])
         self._bindings = {k: v for k, v in self._bindings.items() if k[0] != first}
+        if self._last is not None and _address(self._last.cache.buffers[0][0]) == first:
+            self._last = None
 
     def _bind(self, cache: InplaceCache, b: int, s: int) -> _Binding:
+        # The one-token form holds for every step of this key: one token, and on full-length buffers every
+        # position the step checks (< length) indexes them unwrapped, as the If's condition requires.
+        one_token_form = s == 1 and cache.ring == cache.length
+        session = self.decode_session if one_token_form and self.decode_session is not None else self.session
         ids = np.zeros((b, s), dtype=np.int64)
         pos = np.zeros((b, s), dtype=np.int64)
         logits = np.zeros((b, 1 if self.last_logits_only else s, self.config.vocab_size), dtype=np.float32)
-        bound = self.session.io_binding()
+        bound = session.io_binding()
         for name, array in ((io.INPUT_IDS, ids), (io.POSITION_IDS, pos)):
             bound.bind_input(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
         bound.bind_output(io.LOGITS, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
@@ -137,11 +158,47 @@ class OrtInplaceRunner(_OrtModel):
                 ptr = buf.ctypes.data
                 bound.bind_input(io.past_name(i, kind), "cpu", 0, buf.dtype, buf.shape, ptr)
                 bound.bind_output(io.present_name(i, kind), "cpu", 0, buf.dtype, buf.shape, ptr)
-        return _Binding(bound, ids, pos, logits, cache)
+        return _Binding(session, bound, ids, pos, logits, cache)
+
+
+# The per-layer If costs a few µs per layer per step (benchmarks/inplace/results_if_cost.md): a fifth of
+# the tiny preset's step (4.5 MB of weights), under 1 % of the medium model's (160 MB). Below this size
+# the second copy of the weights the one-token session holds is small and the If's share of a step large.
+DECODE_GRAPH_MAX_BYTES = 32 << 20
+
+
+def _decode_session(
+    model_path: Path, session: ort.InferenceSession, wanted: bool | None, options: dict[str, Any]
+) -> ort.InferenceSession | None:
+    """A session of the graph's one-token form (graph_passes/decode_graph.py), or None where it does not apply."""
+    if wanted is False:
+        return None
+    manifest = _manifest(model_path) or {}
+    if manifest.get("target") != "ort" or manifest.get("provider", "cpu") != "cpu":
+        if wanted:
+            raise G2trtError(f"{model_path}: a one-token graph is derived from the `ort` target's CPU form only")
+        return None
+    data = sum(f.stat().st_size for f in model_path.parent.glob(model_path.name + "*") if f.is_file())
+    if wanted is None and data > DECODE_GRAPH_MAX_BYTES:
+        return None
+    import onnx
+
+    from graph_passes.decode_graph import decode_graph
+
+    model = onnx.load(str(model_path))
+    if not decode_graph(model):
+        return None
+    so = options.get("session_options") or ort.SessionOptions()
+    if options.get("threads"):
+        so.intra_op_num_threads = options["threads"]
+    if options.get("optimize") is False:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=session.get_providers())
 
 
 @dataclasses.dataclass
 class _Binding:
+    session: ort.InferenceSession
     io: ort.IOBinding
     input_ids: np.ndarray
     position_ids: np.ndarray

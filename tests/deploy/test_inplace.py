@@ -17,10 +17,12 @@ import pytest
 from deploy.engine.build import BuildError, BuildOptions, build_engine
 from deploy.engine.profiles import ProfileError
 from deploy.generate.loop import GenerationConfig, GenerationError, generate
+from deploy.runners import ort_runner
 from deploy.runners.factory import graph_contract
 from deploy.runners.ort_runner import OrtInplaceRunner
 from deploy.runners.torch_runner import TorchInplaceRunner, TorchRunner
 from deploy.verify.parity import Case, compare_inplace
+from export.errors import G2trtError
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_onnx
 from export.weights import load_model
@@ -111,6 +113,44 @@ def test_ort_target_on_sliding_rings(inplace_graphs, runtime_cfg, prompts, refer
     runner = OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, full_sliding=False)
     got = generate(runner, prompts, GenerationConfig(max_new_tokens=NEW, stop_tokens=()))
     assert got.tokens == reference_tokens
+
+
+def test_ort_one_token_graph_equals_its_if_graph(inplace_graphs, runtime_cfg, model) -> None:
+    """The tiny `ort` graph decodes in a second session of its one-token form (no per-layer If); the
+    teacher-forced logits of every step equal those of the If graph's GQA branch bit for bit, prompts
+    stay on the If graph, rings stay on it too (the form needs positions unwrapped), and a graph it
+    does not apply to is refused when asked for."""
+    path = inplace_graphs("ort")
+    runner = _runner(path, runtime_cfg)
+    assert runner.decode_session is not None  # tiny: under DECODE_GRAPH_MAX_BYTES
+    with_if = OrtInplaceRunner(path, runtime_cfg, full_sliding=True, decode_graph=False)
+    assert with_if.decode_session is None
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, runtime_cfg.vocab_size, (3, 24))
+    pos = np.arange(24)[None].repeat(3, 0) - np.array([[0], [4], [17]])  # left padding: negative positions
+    caches = [r.allocate(3, 96) for r in (runner, with_if)]
+    assert np.array_equal(runner.step(ids, pos, caches[0]), with_if.step(ids, pos, caches[1]))
+    assert runner._bindings == {} and runner._last is None  # the prompt ran on the If graph, unkept
+    for _ in range(40):  # past the 16-token window, on full-length buffers
+        pos = pos[:, -1:] + 1
+        step = rng.integers(0, runtime_cfg.vocab_size, (3, 1))
+        assert np.array_equal(runner.step(step, pos, caches[0]), with_if.step(step, pos, caches[1]))
+        assert runner._last is not None and runner._last.session is runner.decode_session
+    for mine, theirs in zip(caches[0].buffers, caches[1].buffers, strict=True):  # written in place alike
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    ring = OrtInplaceRunner(path, runtime_cfg, full_sliding=False)
+    cache = ring.allocate(1, 64, runtime_cfg.sliding_window)
+    ring.step(np.array([[5, 6, 7]]), np.array([[0, 1, 2]]), cache)
+    ring.step(np.array([[8]]), np.array([[3]]), cache)
+    assert ring._last is not None and ring._last.session is ring.session
+    with pytest.raises(G2trtError, match="`ort` target's CPU form only"):
+        OrtInplaceRunner(inplace_graphs("plain"), runtime_cfg, decode_graph=True)
+
+
+def test_one_token_graph_only_for_small_weights(inplace_graphs, runtime_cfg, monkeypatch) -> None:
+    monkeypatch.setattr(ort_runner, "DECODE_GRAPH_MAX_BYTES", 1 << 20)  # below tiny's weights
+    assert _runner(inplace_graphs("ort"), runtime_cfg).decode_session is None
+    assert OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, decode_graph=True).decode_session is not None
 
 
 def test_generation_that_does_not_fit_is_refused(inplace_graphs, runtime_cfg) -> None:
