@@ -15,9 +15,15 @@ What is quantized: q/k/v/o/gate/up/down of every layer and, by `QuantSpec.head`,
 gets its own quantized [hidden, vocab] copy; the embedding lookup keeps the float table. Norms, the
 embedding scale, soft-caps and attention are untouched.
 
-Rounding: symmetric round-to-nearest (RTN), one scale per block of `block_size` input rows
-(`amax / qmax`, qmax 7 or 127; codes in [-qmax, qmax]), computed in fp32 and rounded against the scale
-as stored, so the graph dequantizes exactly what was measured. fp8: `amax / 448` per output column.
+Rounding: symmetric round-to-nearest (RTN), one scale per block of `block_size` input rows, computed in
+fp32; codes are rounded against the scale as stored, so the graph dequantizes exactly what was measured.
+int8: `amax / 127`, codes in [-127, 127]. int4: codes in [-8, 7], and the scale of each block is chosen
+(no calibration data): for each candidate `amax / d`, d in `INT4_DIVISORS`, round, then refit the
+scale to those codes by least squares (`Σcw / Σc²`); the candidate whose refit error is least gives
+the scale, and the codes are rounded again against it (RTN against a fixed scale minimises each code's
+error, so the final error is at most the candidate's). On Gaussian weights this cuts the relative RMS
+error from 9.7 % (`amax / 7`) to 8.6 %, where onnxruntime-genai's RTN reaches 8.6 % with negative scales
+(the block's extreme always at -8), which TensorRT does not take. fp8: `amax / 448` per output column.
 
 Streaming: every quantized initializer is an `ir.LazyTensor` that reads its float weight through the
 export's own lazy loader when `ir.save` writes it; a projection's codes and scales come from one read
@@ -53,11 +59,16 @@ class SchemeInfo:
     dtype: ir.DataType
     qmax: float  # largest positive code
     blocked: bool  # blocks along K (int); False: one scale per output column (fp8)
+    qmin: float = 0.0  # most negative code (-qmax unless set)
+    divisors: tuple[float, ...] = ()  # scale candidates amax / d, chosen per block (module docstring)
 
 
+# amax / d candidates for int4: 7 keeps every weight in range, 8 puts a negative extreme exactly on -8,
+# larger ones clip the extreme for a finer step; the refit moves each to its least-squares scale.
+INT4_DIVISORS = (7.0, 7.5, 8.0, 8.5)
 SCHEMES: dict[str, SchemeInfo] = {
-    "int8": SchemeInfo(ir.DataType.INT8, 127.0, True),
-    "int4": SchemeInfo(ir.DataType.INT4, 7.0, True),
+    "int8": SchemeInfo(ir.DataType.INT8, 127.0, True, -127.0),
+    "int4": SchemeInfo(ir.DataType.INT4, 7.0, True, -8.0, INT4_DIVISORS),
     "fp8": SchemeInfo(ir.DataType.FLOAT8E4M3FN, FP8_MAX, False),
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -88,6 +99,7 @@ class QuantSpec:
         return {
             "scheme": self.scheme,
             "method": "rtn",
+            "scale": "least-squares of the best amax / d" if self.info.divisors else "amax / qmax",
             "symmetric": True,
             "weights": self.info.dtype.name.lower(),
             "axis": 0 if self.info.blocked else 1,
@@ -141,10 +153,37 @@ def quantize_blocks(w: np.ndarray, spec: QuantSpec, scale_dtype: Any) -> tuple[n
     info, b = spec.info, spec.block_size
     k, n = w.shape
     blocks = w.astype(np.float32, copy=False).reshape(k // b, b, n)
-    scale = _stored_scale(np.abs(blocks).max(axis=1) / info.qmax, scale_dtype)  # [K/b, N]
-    ref = scale.astype(np.float32)[:, None, :]
-    codes = np.clip(np.rint(blocks / ref), -info.qmax, info.qmax).astype(np.int8)
-    return codes.reshape(k, n), scale
+    amax = np.abs(blocks).max(axis=1)  # [K/b, N]
+    scale = _stored_scale(_least_squares_scale(blocks, amax, info) if info.divisors else amax / info.qmax, scale_dtype)
+    codes = _round(blocks, scale.astype(np.float32), info)
+    return codes.astype(np.int8).reshape(k, n), scale
+
+
+def _round(blocks: np.ndarray, scale: np.ndarray, info: SchemeInfo) -> np.ndarray:
+    """RTN codes [K/b, b, N] (float32) of `blocks` against `scale` [K/b, N] (in-place ops: np.clip's copying
+    form costs several times the rest of the quantization)."""
+    codes = blocks / scale[:, None, :]
+    np.rint(codes, out=codes)
+    return np.clip(codes, info.qmin, info.qmax, out=codes)
+
+
+def _least_squares_scale(blocks: np.ndarray, amax: np.ndarray, info: SchemeInfo) -> np.ndarray:
+    """Per block, the least-squares scale of the codes of the best candidate `amax / d` (module docstring).
+
+    For codes c the best scale is Σcw / Σc² and its squared error Σw² - (Σcw)² / Σc², so the candidate
+    with the largest (Σcw)² / Σc² wins; Σw² is the same for all and never computed."""
+    best_gain = np.full(amax.shape, -1.0, np.float32)
+    best = amax / info.qmax
+    for d in info.divisors:
+        codes = _round(blocks, np.maximum(amax / d, np.finfo(np.float32).tiny), info)
+        cw = np.einsum("kbn,kbn->kn", codes, blocks)
+        cc = np.einsum("kbn,kbn->kn", codes, codes)
+        nonzero = cc > 0
+        gain = np.where(nonzero, cw * cw / np.where(nonzero, cc, 1.0), 0.0)
+        better = nonzero & (gain > best_gain)
+        best = np.where(better, cw / np.where(nonzero, cc, 1.0), best)
+        best_gain = np.where(better, gain, best_gain)
+    return best
 
 
 def quantize_fp8(w: np.ndarray, scale_dtype: Any) -> tuple[np.ndarray, np.ndarray]:

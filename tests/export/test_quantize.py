@@ -32,25 +32,40 @@ from export.weights import RandomWeights, load_model
 INT4 = QuantSpec("int4", block_size=16)
 
 
-def test_int4_block_rounds_to_nearest_with_the_largest_magnitude_at_qmax() -> None:
+def test_int4_block_scale_is_chosen_and_codes_round_to_nearest_against_it() -> None:
+    rng = np.random.default_rng(4)
     col = np.array([7.0, -3.5, 1.2, 0.0, -7.0, 0.4, 2.5, 2.51] * 2, np.float32)  # one block of 16
-    codes, scale = quantize_blocks(np.stack([col, -col, np.zeros(16, np.float32)], 1), INT4, np.float32)
-    assert scale.shape == (1, 3) and (scale > 0).all()
-    assert scale[0, 0] == scale[0, 1] == 1.0  # amax / 7
-    assert codes[:8, 0].tolist() == [7, -4, 1, 0, -7, 0, 2, 3]  # halves round to even
+    grid = np.array([-8, 7, 3, -2, 0, 5, -6, 1] * 2, np.float32) * 0.5  # on a step-0.5 grid, extreme -8
+    cols = [col, -col, grid, np.zeros(16, np.float32), *rng.standard_normal((20, 16)).astype(np.float32)]
+    w = np.stack(cols, 1)
+    codes, scale = quantize_blocks(w, INT4, np.float32)
+    assert scale.shape == (1, w.shape[1]) and (scale > 0).all()
+    assert codes.min() >= -8 and codes.max() <= 7
+    assert np.array_equal(codes, np.clip(np.rint(w / scale), -8, 7))  # RTN against the stored scale
+    err = ((dequantize(codes, scale, INT4) - w) ** 2).sum(0)
+    plain = np.maximum(np.abs(w).max(0), 1e-30) / 7  # amax / 7, codes in [-7, 7]
+    plain_err = ((np.clip(np.rint(w / plain), -7, 7) * plain - w) ** 2).sum(0)
+    assert (err <= plain_err * (1 + 1e-6) + 1e-12).all()  # never worse than plain RTN, block by block
+    assert err.sum() < 0.9 * plain_err.sum()
+    assert scale[0, 2] == 0.5 and err[2] == 0  # -8 is used: that block is represented exactly
+    assert (codes[:, 3] == 0).all() and scale[0, 3] > 0  # an all-zero block keeps a positive scale
+
+
+def test_int8_block_rounds_to_nearest_with_the_largest_magnitude_at_qmax() -> None:
+    col = np.array([127.0, -63.5, 1.2, 0.0, -127.0, 0.4, 2.5, 2.51] * 2, np.float32)
+    codes, scale = quantize_blocks(np.stack([col, -col], 1), QuantSpec("int8", block_size=16), np.float32)
+    assert scale[0, 0] == scale[0, 1] == 1.0  # amax / 127
+    assert codes[:8, 0].tolist() == [127, -64, 1, 0, -127, 0, 2, 3]  # halves round to even
     assert (codes[:, 1] == -codes[:, 0]).all()  # symmetric: no zero point
-    assert (codes[:, 2] == 0).all() and scale[0, 2] > 0  # an all-zero block keeps a positive scale
-    err = np.abs(dequantize(codes, scale, INT4) - np.stack([col, -col, np.zeros(16)], 1))
-    assert err.max() <= scale.max() / 2 + 1e-7
 
 
-@pytest.mark.parametrize(("scheme", "bound"), [("int4", 0.11), ("int8", 0.007), ("fp8", 0.04)])
+@pytest.mark.parametrize(("scheme", "bound"), [("int4", 0.09), ("int8", 0.007), ("fp8", 0.04)])
 def test_relative_rms_error_on_gaussian_weights(scheme: str, bound: float) -> None:
     w = (np.random.default_rng(0).standard_normal((512, 256)) / np.sqrt(512)).astype(np.float32)
     spec = QuantSpec(scheme)  # type: ignore[arg-type]
     codes, scale = quantize(w, spec, np.float32)
     rel = np.sqrt(np.mean((dequantize(codes, scale, spec) - w) ** 2) / np.mean(w**2))
-    assert rel <= bound  # measured: int4 0.097, int8 0.0054, fp8 0.025
+    assert rel <= bound  # measured: int4 0.086 (0.097 with amax / 7), int8 0.0054, fp8 0.025
     assert (scale > 0).all()
 
 
@@ -81,6 +96,7 @@ def test_exported_graph_form(tiny_export, tiny_cfg, scheme: str) -> None:
     assert q == {
         "scheme": scheme,
         "method": "rtn",
+        "scale": "least-squares of the best amax / d" if scheme == "int4" else "amax / qmax",
         "symmetric": True,
         "weights": {"int4": "int4", "int8": "int8", "fp8": "float8e4m3fn"}[scheme],
         "axis": 1 if scheme == "fp8" else 0,
