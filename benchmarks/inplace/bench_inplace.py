@@ -51,11 +51,19 @@ from graph_passes import optimize  # noqa: E402
 class InplaceModel:
     """A g2trt in-place graph through g2trt's runtime: the cache allocated once per trial, written in place."""
 
-    def __init__(self, name: str, path: Path, cfg: Gemma2Config, threads: int, full_sliding: bool | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        cfg: Gemma2Config,
+        threads: int,
+        full_sliding: bool | None,
+        decode_graph: bool | None = None,
+    ) -> None:
         self.name, self.cfg = name, cfg
         _, recorded = graph_contract(read_manifest(path))
         full = recorded if full_sliding is None else full_sliding
-        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full)
+        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full, decode_graph=decode_graph)
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         b, s = input_ids.shape
@@ -92,9 +100,14 @@ def build_models(cfg: Gemma2Config, threads: int, seed: int, work: Path, genai: 
     models["ort, in-place (ring: sliding layers decode by standard ops)"] = InplaceModel(
         "ort ring", ort_inplace, cfg, threads, False
     )
-    models["ort, in-place (full sliding buffers: GQA every layer)"] = InplaceModel(
-        "ort full", ort_inplace, cfg, threads, True
-    )
+    full = InplaceModel("ort full", ort_inplace, cfg, threads, True)
+    if full.runner.decode_session is not None:  # small weights: decode runs the one-token graph
+        models["ort, in-place (full sliding buffers, per-layer If)"] = InplaceModel(
+            "ort full, If", ort_inplace, cfg, threads, True, decode_graph=False
+        )
+        models["ort, in-place (full sliding buffers, one-token graph: the runner's choice)"] = full
+    else:
+        models["ort, in-place (full sliding buffers: GQA every layer)"] = full
     if genai:
         from deploy.bench.genai_peer import build, write_hf_checkpoint
 
