@@ -185,10 +185,13 @@ def _decode_session(
 
     from graph_passes.decode_graph import decode_graph
 
-    model = onnx.load(str(model_path))
+    # The graph alone: onnxruntime reads the weights from the model's folder, as for the main session
+    # (onnx's own loader refuses a data file that `g2trt optimize` hard-linked from the export).
+    model = onnx.load(str(model_path), load_external_data=False)
     if not decode_graph(model):
         return None
     so = options.get("session_options") or ort.SessionOptions()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     if options.get("threads"):
         so.intra_op_num_threads = options["threads"]
     if options.get("optimize") is False:

@@ -153,6 +153,23 @@ def test_one_token_graph_only_for_small_weights(inplace_graphs, runtime_cfg, mon
     assert OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, decode_graph=True).decode_session is not None
 
 
+def test_one_token_graph_reads_a_hard_linked_weights_file(inplace_graphs, runtime_cfg, tmp_path: Path) -> None:
+    """`g2trt pipeline` hard-links the export's weights into each target's folder; onnx's loader refuses
+    such a file, so the one-token session takes its weights through onnxruntime, as the main one does."""
+    import os
+    import shutil
+
+    source = inplace_graphs("ort").parent
+    for f in source.iterdir():
+        (os.link if f.name.endswith(".data") else shutil.copy)(f, tmp_path / f.name)
+    runner = _runner(tmp_path / "model.onnx", runtime_cfg)
+    assert runner.decode_session is not None
+    cache = runner.allocate(1, 32)
+    runner.step(np.array([[5, 6, 7]]), np.array([[0, 1, 2]]), cache)
+    runner.step(np.array([[8]]), np.array([[3]]), cache)
+    assert runner._last is not None and runner._last.session is runner.decode_session
+
+
 def test_generation_that_does_not_fit_is_refused(inplace_graphs, runtime_cfg) -> None:
     runner = _runner(inplace_graphs("plain"), runtime_cfg)
     long = [[1] * (runtime_cfg.max_position_embeddings - 3)]
