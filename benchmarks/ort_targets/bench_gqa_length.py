@@ -3,11 +3,11 @@ without `local_window_size`: does a sliding layer's cost follow the window or th
 
     python benchmarks/ort_targets/bench_gqa_length.py [--rounds 300]
 
-One GroupQueryAttention node (the medium model's heads: 8 query, 4 KV, head_dim 64; softcap 50), past and
-present bound to one buffer of L positions holding L - 1 (as `OrtInplaceRunner` binds them), one new
-token. The `ort` target decodes sliding layers this way on full-length buffers (docs/kv_cache.md).
-Medians over `--rounds` runs after 20 warm-up runs, 2 intra-op threads. Writes results_gqa_length.{json,md}
-beside this script.
+One GroupQueryAttention node (bench_gqa_softcap.py's: the medium model's heads, 8 query, 4 KV, head_dim
+64; here softcap 50), past and present bound to one buffer of L positions holding L - 1 (as
+`OrtInplaceRunner` binds them), one new token. The `ort` target decodes sliding layers this way on
+full-length buffers (docs/kv_cache.md). Medians over `--rounds` runs after 20 warm-up runs, 2 intra-op
+threads. Writes results_gqa_length.{json,md} beside this script.
 """
 
 from __future__ import annotations
@@ -21,54 +21,31 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto
-from onnx import helper as h
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE))
+
+from bench_gqa_softcap import KV as KV_HEADS  # noqa: E402
+from bench_gqa_softcap import D as HEAD_DIM  # noqa: E402
+from bench_gqa_softcap import H as HEADS  # noqa: E402
+from bench_gqa_softcap import gqa_model  # noqa: E402
 
 from deploy.bench.report import machine_info  # noqa: E402
 
-HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
 LENGTHS = (129, 300, 1000, 4000, 8192)
-
-
-def gqa_model(window: int) -> bytes:
-    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
-    inputs = [
-        h.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, 1, width]),
-        h.make_tensor_value_info("past_key", TensorProto.FLOAT, [1, KV_HEADS, "L", HEAD_DIM]),
-        h.make_tensor_value_info("past_value", TensorProto.FLOAT, [1, KV_HEADS, "L", HEAD_DIM]),
-        h.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-        h.make_tensor_value_info("total", TensorProto.INT32, []),
-    ]
-    outputs = [h.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "present_key", "present_value")]
-    node = h.make_node(
-        "GroupQueryAttention",
-        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total"],
-        ["out", "present_key", "present_value"],
-        domain="com.microsoft",
-        num_heads=HEADS,
-        kv_num_heads=KV_HEADS,
-        scale=HEAD_DIM**-0.5,
-        softcap=50.0,
-        local_window_size=window,
-    )
-    graph = h.make_graph([node], "gqa", inputs, outputs)
-    opsets = [h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)]
-    return h.make_model(graph, opset_imports=opsets).SerializeToString()
 
 
 def step_us(session: ort.InferenceSession, length: int, rounds: int) -> float:
     rng = np.random.default_rng(0)
     key = rng.standard_normal((1, KV_HEADS, length, HEAD_DIM)).astype(np.float32)
     value = key.copy()
-    qkv = rng.standard_normal((1, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM)).astype(np.float32)
     io = session.io_binding()
-    io.bind_cpu_input("qkv", qkv)
+    for name, width in (("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)):
+        io.bind_cpu_input(name, rng.standard_normal((1, 1, width * HEAD_DIM)).astype(np.float32))
     io.bind_cpu_input("seqlens_k", np.array([length - 1], np.int32))  # the new token's slot: the last one
     io.bind_cpu_input("total", np.array(length, np.int32))
-    for name, buf in (("key", key), ("value", value)):
+    for name, buf in (("k", key), ("v", value)):
         io.bind_input(f"past_{name}", "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
         io.bind_output(f"present_{name}", "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
     io.bind_output("out", "cpu")
@@ -93,7 +70,7 @@ def main() -> None:
     so.intra_op_num_threads = args.threads
     rows = []
     for window in (-1, args.window):
-        session = ort.InferenceSession(gqa_model(window), so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(gqa_model(50.0, window), so, providers=["CPUExecutionProvider"])
         for length in LENGTHS:
             us = step_us(session, length, args.rounds)
             rows.append({"local_window_size": window, "positions": length, "step_us": us})

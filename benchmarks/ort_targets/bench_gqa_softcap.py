@@ -28,7 +28,8 @@ from deploy.bench.report import machine_info  # noqa: E402
 H, KV, D, WINDOW, THREADS, RUNS = 8, 4, 64, 4096, 2, 200
 
 
-def gqa_model(softcap: float) -> bytes:
+def gqa_model(softcap: float, window: int = WINDOW) -> bytes:
+    """One GroupQueryAttention node on separate q/k/v [1, s, ·] and a past of p positions."""
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     inputs = [
         helper.make_tensor_value_info("q", f32, [1, "s", H * D]),
@@ -48,7 +49,7 @@ def gqa_model(softcap: float) -> bytes:
         kv_num_heads=KV,
         scale=D**-0.5,
         softcap=softcap,
-        local_window_size=WINDOW,
+        local_window_size=window,
     )
     outputs = [helper.make_tensor_value_info(n, f32, None) for n in node.output]
     graph = helper.make_graph([node], "gqa", inputs, outputs)
