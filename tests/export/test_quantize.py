@@ -17,9 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
-from deploy.cli import cli
 from deploy.runners.ort_runner import OrtRunner
 from deploy.runners.torch_runner import TorchRunner
 from deploy.verify.parity import compare, parity_cases
@@ -28,6 +26,7 @@ from export.config import preset
 from export.onnx_export import ExportOptions, export_onnx
 from export.quantize import PROJECTIONS, QuantError, QuantSpec, dequantize, quantize, quantize_blocks, quantize_fp8
 from export.weights import RandomWeights, load_model
+from tests.cli_errors import one_line_error
 
 INT4 = QuantSpec("int4", block_size=16)
 
@@ -202,19 +201,11 @@ def test_bf16_export_stores_bf16_scales(tiny_export) -> None:
     onnx.checker.check_model(str(result.model_path), full_check=True)
 
 
-def _one_line(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_block_size_that_does_not_divide_an_input_width(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    line = _one_line(["export", "--out", str(out), "--quant", "int4", "--quant-block", "128"])
+    line = one_line_error(["export", "--out", str(out), "--quant", "int4", "--quant-block", "128"])
     assert "--quant-block 128 does not divide the input width 64 of hidden_size" in line
-    assert "power of two" in _one_line(["export", "--out", str(out), "--quant", "int8", "--quant-block", "48"])
+    assert "power of two" in one_line_error(["export", "--out", str(out), "--quant", "int8", "--quant-block", "48"])
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     with pytest.raises(QuantError, match="does not divide the input width 272 of intermediate_size"):
         export_onnx(RandomWeights(preset("tiny").replace(intermediate_size=272)), out, ExportOptions(quant="int8"))
@@ -223,7 +214,7 @@ def test_block_size_that_does_not_divide_an_input_width(tmp_path: Path) -> None:
 def test_quant_on_an_already_quantized_model(tiny_export, tmp_path: Path) -> None:
     quantized = tiny_export("fp32", quant="int4").model_path.parent
     out = tmp_path / "again"
-    line = _one_line(["export", str(quantized), "--out", str(out), "--quant", "int4"])
+    line = one_line_error(["export", str(quantized), "--out", str(out), "--quant", "int4"])
     assert "an int4-quantized g2trt ONNX model, not a Hugging Face checkpoint" in line
     assert not out.exists()
 
@@ -238,7 +229,7 @@ def test_an_already_quantized_checkpoint(tiny_checkpoint: Path, tmp_path: Path) 
     (ckpt / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(CheckpointError, match=r"already quantized checkpoint \(quantization_config: gptq\)"):
         open_checkpoint(ckpt)
-    assert "already quantized" in _one_line(["export", str(ckpt), "--out", str(tmp_path / "o"), "--quant", "int8"])
+    assert "already quantized" in one_line_error(["export", str(ckpt), "--out", str(tmp_path / "o"), "--quant", "int8"])
     assert not (tmp_path / "o").exists()
 
 

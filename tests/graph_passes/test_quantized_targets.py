@@ -14,15 +14,14 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 
-from deploy.cli import cli
 from deploy.runners.ort_runner import OrtRunner, plugin_session, uses_plugin_ops
 from deploy.verify.model import candidate_runner
 from deploy.verify.parity import compare, parity_cases
 from graph_passes import TARGETS, OptimizeError, optimize
 from graph_passes.graph import all_nodes
 from graph_passes.targets import SKIPPED_WHEN_QUANTIZED
+from tests.cli_errors import one_line_error
 
 _OPTIMIZED: dict[tuple[str | None, str], Path] = {}
 
@@ -89,22 +88,14 @@ def test_fp8_graphs_for_tensorrt(quantized, tiny_export, tiny_cfg, target: str) 
     assert compare(reference, candidate_runner(path, tiny_cfg, "fp32"), parity_cases(tiny_cfg)).worst <= 1e-4
 
 
-def _one_line(args: list[str]) -> str:
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1, (result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_onnxruntime_refuses_fp8_and_bf16_scales(tiny_export, tmp_path: Path) -> None:
     fp8 = tiny_export("fp32", quant="fp8").model_path
     with pytest.raises(OptimizeError, match="fp8 weights are for TensorRT"):
         optimize(fp8, "ort", tmp_path / "fp8")
-    line = _one_line(["optimize", str(fp8), "--target", "ort", "--out", str(tmp_path / "fp8")])
+    line = one_line_error(["optimize", str(fp8), "--target", "ort", "--out", str(tmp_path / "fp8")])
     assert "fp8 weights are for TensorRT (SM 89+)" in line
     bf16 = tiny_export("bf16", quant="int4").model_path
-    line = _one_line(["optimize", str(bf16), "--target", "ort", "--out", str(tmp_path / "bf16")])
+    line = one_line_error(["optimize", str(bf16), "--target", "ort", "--out", str(tmp_path / "bf16")])
     assert "not int4 with bf16 scales" in line and "--dtype fp16" in line
     assert not (tmp_path / "fp8").exists() and not (tmp_path / "bf16").exists()
 
