@@ -36,8 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import FLOOR_LAST, FloorModel, GenaiModel, OrtModel, bench_config, machine, model_args  # noqa: E402
+from bench_ort_targets import FLOOR_LAST, FloorModel, OrtModel, bench_config, machine, model_args  # noqa: E402
 
+from deploy.bench.genai_peer import first_row  # noqa: E402
 from deploy.runners.base import cache_sizes  # noqa: E402
 from deploy.runners.factory import graph_contract  # noqa: E402
 from deploy.runners.ort_runner import OrtInplaceRunner  # noqa: E402
@@ -109,10 +110,10 @@ def build_models(cfg: Gemma2Config, threads: int, seed: int, work: Path, genai: 
     else:
         models["ort, in-place (full sliding buffers: GQA every layer)"] = full
     if genai:
-        from deploy.bench.genai_peer import build, write_hf_checkpoint
+        from deploy.bench.genai_peer import GenaiModel, build, write_hf_checkpoint
 
         hf = write_hf_checkpoint(source, work / "hf")
-        models["genai"] = GenaiModel(build(hf, work / "genai"), cfg, threads)
+        models["genai"] = GenaiModel(build(hf, work / "genai"), threads)
     models[FLOOR_LAST] = FloorModel(FLOOR_LAST, cfg, threads, all_rows=False, seed=seed)
     return models
 
@@ -138,7 +139,7 @@ def measure(
             ttft[n].append(res["ttft_s"])
             step[n].extend(res["step_s"])
             if res["tokens"] is not None:
-                tokens[n] = [t[0] if isinstance(t, list) else t for t in res["tokens"]]
+                tokens[n] = first_row(res["tokens"])
             if res.get("first_logits") is not None:
                 logits[n] = res["first_logits"]
     rows: dict[str, dict[str, Any]] = {}

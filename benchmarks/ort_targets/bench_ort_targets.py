@@ -35,6 +35,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from deploy.bench.genai_peer import first_row  # noqa: E402
 from export import io_contract as io  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
@@ -210,49 +211,13 @@ def build_models(args: argparse.Namespace, cfg: Gemma2Config, work: Path) -> dic
             path = Path(optimize(plain, "ort", work / name.replace(" ", "_"), passes=chosen).model_path)
         models[name] = OrtModel(name, path, cfg, args.threads)
     if not args.no_genai:
-        from deploy.bench.genai_peer import build, write_hf_checkpoint
+        from deploy.bench.genai_peer import GenaiModel, build, write_hf_checkpoint
 
         hf = write_hf_checkpoint(source, work / "hf")
-        models["genai"] = GenaiModel(build(hf, work / "genai"), cfg, args.threads)
+        models["genai"] = GenaiModel(build(hf, work / "genai"), args.threads)
     models[FLOOR_LAST] = FloorModel(FLOOR_LAST, cfg, args.threads, all_rows=False, seed=args.seed)
     models[FLOOR_ALL] = FloorModel(FLOOR_ALL, cfg, args.threads, all_rows=True, seed=args.seed)
     return models
-
-
-class GenaiModel:
-    """The genai builder's model in genai's own Generator: append_tokens (prefill), generate_next_token.
-
-    Its sliding layers use a window-sized cache that must hold at least `sliding_window` rows, so
-    max_length is at least the window; min_length keeps a random model's EOS from ending a run early.
-    """
-
-    def __init__(self, model_dir: Path, cfg: Gemma2Config, threads: int) -> None:
-        import onnxruntime_genai as og
-
-        self.og, self.cfg = og, cfg
-        config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
-
-    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        og = self.og
-        total = input_ids.shape[1] + new_tokens
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(
-            max_length=max(total, self.cfg.sliding_window + 1), min_length=total, do_sample=False, batch_size=1
-        )
-        generator = og.Generator(self.model, params)
-        steps = []
-        start = time.perf_counter()
-        generator.append_tokens(input_ids.astype(np.int32))
-        generator.generate_next_token()
-        steps.append(time.perf_counter() - start)
-        for _ in range(new_tokens - 1):
-            start = time.perf_counter()
-            generator.generate_next_token()
-            steps.append(time.perf_counter() - start)
-        tokens = generator.get_sequence(0)[input_ids.shape[1] :].tolist()
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ttft[n].append(res["ttft_s"])
                 step[n].extend(res["step_s"])
                 if res["tokens"] is not None:
-                    tokens[n] = [t[0] if isinstance(t, list) else t for t in res["tokens"]]
+                    tokens[n] = first_row(res["tokens"])
                 if res.get("first_logits") is not None:
                     logits[n] = res["first_logits"]
     rows = {}

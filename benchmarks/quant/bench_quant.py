@@ -45,6 +45,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from deploy.bench.genai_peer import first_row  # noqa: E402
 from export import io_contract as io  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 
@@ -175,37 +176,13 @@ def ours(path: Path, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:
 
 
 def _model(b: Built, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:
-    return ours(b.path, cfg, threads, kv_cache) if b.kind == "ours" else GenaiModel(b.path, cfg, threads)
+    return ours(b.path, cfg, threads, kv_cache) if b.kind == "ours" else _genai(b.path, threads)
 
 
-class GenaiModel:
-    """An onnxruntime-genai model in genai's Generator: append_tokens (prefill), generate_next_token."""
+def _genai(model_dir: Path, threads: int) -> Any:
+    from deploy.bench.genai_peer import GenaiModel  # torch-free: the peak-RSS children measure it alone
 
-    def __init__(self, model_dir: Path, cfg: Gemma2Config, threads: int) -> None:
-        import onnxruntime_genai as og
-
-        self.og, self.cfg = og, cfg
-        config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
-
-    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        og = self.og
-        total = input_ids.shape[1] + new_tokens
-        params = og.GeneratorParams(self.model)
-        capacity = max(total, self.cfg.sliding_window + 1)  # its sliding GQA wants a window-sized KV buffer
-        params.set_search_options(max_length=capacity, min_length=total, do_sample=False, batch_size=1)
-        generator = og.Generator(self.model, params)
-        start = time.perf_counter()
-        generator.append_tokens(input_ids.astype(np.int32))
-        generator.generate_next_token()
-        steps = [time.perf_counter() - start]
-        for _ in range(new_tokens - 1):
-            start = time.perf_counter()
-            generator.generate_next_token()
-            steps.append(time.perf_counter() - start)
-        tokens = generator.get_sequence(0)[input_ids.shape[1] :].tolist()
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens}
+    return GenaiModel(model_dir, threads)
 
 
 class FloorModel:
@@ -375,7 +352,7 @@ def latency(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]
             ttft[n].append(res["ttft_s"])
             step[n].append(statistics.median(res["step_s"]))  # one value per trial: decode steps are correlated
             if res["tokens"] is not None:
-                tokens[n] = res["tokens"]
+                tokens[n] = first_row(res["tokens"])
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     return {
         n: {
@@ -424,7 +401,7 @@ def rss_child(spec_json: str) -> None:
     cfg = Gemma2Config(**{**raw, "layer_types": tuple(raw["layer_types"]), "eos_token_id": tuple(raw["eos_token_id"])})
     if spec["kind"] is not None:
         path, threads = Path(spec["path"]), spec["threads"]
-        model = ours(path, cfg, threads, spec["kv"]) if spec["kind"] == "ours" else GenaiModel(path, cfg, threads)
+        model = ours(path, cfg, threads, spec["kv"]) if spec["kind"] == "ours" else _genai(path, threads)
         rng = np.random.default_rng(spec["seed"])
         model.trial(rng.integers(3, cfg.vocab_size, size=(1, spec["prompt"]), dtype=np.int64), spec["new"])
     # VmHWM, not ru_maxrss: ru_maxrss survives exec and so includes the parent's RSS at fork

@@ -16,13 +16,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from export.atomic import atomic_dir
 from export.errors import G2trtError
-from export.weights import WeightSource
+
+if TYPE_CHECKING:  # export.weights imports torch: the benchmarks' peak-RSS children must not pay for it
+    from export.weights import WeightSource
 
 
 class GenaiError(G2trtError, RuntimeError):
@@ -122,6 +124,11 @@ class GenaiModel:
         if [t[0] for t in tokens] != first:  # the sequence must hold what was generated
             raise GenaiError("onnxruntime-genai returned inconsistent sequences")
         return {"ttft_s": ttft, "step_s": steps, "tokens": tokens, "kv_bytes": None}
+
+
+def first_row(tokens: list) -> list:
+    """Batch row 0 of a trial's tokens: `GenaiModel.trial` gives one list per row; a batch-1 loop may give one list."""
+    return tokens[0] if tokens and isinstance(tokens[0], list) else tokens
 
 
 def teacher_forced_logits(model_dir: Path, input_ids: np.ndarray, threads: int | None = None) -> np.ndarray:
