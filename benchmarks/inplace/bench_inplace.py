@@ -36,56 +36,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import FLOOR_LAST, FloorModel, OrtModel, bench_config, machine, model_args  # noqa: E402
+from bench_ort_targets import FLOOR_LAST, FloorModel, bench_config, machine, model_args  # noqa: E402
 
+from benchmarks.timed_models import InplaceModel, OrtModel  # noqa: E402
 from deploy.bench.genai_peer import first_row  # noqa: E402
-from deploy.runners.base import cache_sizes  # noqa: E402
-from deploy.runners.factory import graph_contract  # noqa: E402
-from deploy.runners.ort_runner import OrtInplaceRunner  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
-from export.manifest import read_manifest  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
 from graph_passes import optimize  # noqa: E402
-
-
-class InplaceModel:
-    """A g2trt in-place graph through g2trt's runtime: the cache allocated once per trial, written in place."""
-
-    def __init__(
-        self,
-        name: str,
-        path: Path,
-        cfg: Gemma2Config,
-        threads: int,
-        full_sliding: bool | None,
-        decode_graph: bool | None = None,
-    ) -> None:
-        self.name, self.cfg = name, cfg
-        _, recorded = graph_contract(read_manifest(path))
-        full = recorded if full_sliding is None else full_sliding
-        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full, decode_graph=decode_graph)
-
-    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        b, s = input_ids.shape
-        length, ring = cache_sizes(self.cfg, s + new_tokens, self.runner.full_sliding)
-        cache = self.runner.allocate(b, length, ring)
-        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
-        ids, steps, tokens, first = input_ids, [], [], None
-        step_ids, step_pos = np.zeros((b, 1), np.int64), pos[:, -1:].copy()
-        for step in range(new_tokens):
-            start = time.perf_counter()
-            logits = self.runner.step(ids, pos, cache)
-            nxt = logits[:, -1].argmax(-1)
-            steps.append(time.perf_counter() - start)
-            if step == 0:
-                first = np.array(logits[:, -1])
-            tokens.append(int(nxt[0]))
-            step_ids[:, 0] = nxt
-            step_pos += 1
-            ids, pos = step_ids, step_pos
-        self.runner.release(cache)
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first}
 
 
 def build_models(cfg: Gemma2Config, threads: int, seed: int, work: Path, genai: bool) -> dict[str, Any]:

@@ -35,8 +35,8 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from benchmarks.timed_models import OrtModel  # noqa: E402
 from deploy.bench.genai_peer import first_row  # noqa: E402
-from export import io_contract as io  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
@@ -87,51 +87,6 @@ def bench_config(args: argparse.Namespace) -> Gemma2Config:
         sliding_window=args.window,
         max_position_embeddings=8192,
     )
-
-
-class OrtModel:
-    """A g2trt graph in a plain onnxruntime session, run the way a generation loop runs it."""
-
-    def __init__(self, name: str, path: Path, cfg: Gemma2Config, threads: int) -> None:
-        self.name, self.cfg = name, cfg
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        """Greedy generation through IOBinding: the presents stay onnxruntime values and feed the next
-        step as they are (as a serving loop keeps them), only the last logits come back to numpy."""
-        cfg, sess = self.cfg, self.session
-        b, s = input_ids.shape
-        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32))
-        past = [empty] * (2 * cfg.num_hidden_layers)
-        mask = np.ones((b, s), np.int64)
-        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
-        outputs = [o.name for o in sess.get_outputs()]
-        ids, steps, tokens, first_logits = input_ids, [], [], None
-        for step in range(new_tokens):
-            start = time.perf_counter()
-            binding = sess.io_binding()
-            for name, value in ((io.INPUT_IDS, ids), (io.ATTENTION_MASK, mask), (io.POSITION_IDS, pos)):
-                binding.bind_cpu_input(name, value)
-            for name, value in zip(io.past_names(cfg), past, strict=True):
-                binding.bind_ortvalue_input(name, value)
-            for name in outputs:
-                binding.bind_output(name, "cpu")
-            sess.run_with_iobinding(binding)
-            out = binding.get_outputs()
-            logits = out[0].numpy()[:, -1]
-            nxt = logits.argmax(-1)
-            steps.append(time.perf_counter() - start)
-            if step == 0:
-                first_logits = logits
-            tokens.append(int(nxt[0]))
-            past = list(out[1:])
-            ids = nxt[:, None].astype(np.int64)
-            mask = np.ones((b, mask.shape[1] + 1), np.int64)
-            pos = pos[:, -1:] + 1
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first_logits}
 
 
 class FloorModel:

@@ -46,7 +46,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from deploy.bench.genai_peer import first_row  # noqa: E402
-from export import io_contract as io  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 
 MODELS = {  # the issue's medium model and a 2B-shaped one (real Gemma 2 2B widths)
@@ -90,89 +89,11 @@ def model_config(name: str) -> Gemma2Config:
 # --- the runtimes ------------------------------------------------------------------------------------
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-class OrtModel:
-    """A g2trt graph in a plain onnxruntime session, run as a generation loop runs it."""
-
-    def __init__(self, path: Path, cfg: Gemma2Config, threads: int) -> None:
-        self.cfg, self.session = cfg, _session(path, threads)
-
-    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        import onnxruntime as ort
-
-        cfg, sess = self.cfg, self.session
-        b, s = input_ids.shape
-        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32))
-        past = [empty] * (2 * cfg.num_hidden_layers)
-        mask = np.ones((b, s), np.int64)
-        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
-        outputs = [o.name for o in sess.get_outputs()]
-        ids, steps, tokens = input_ids, [], []
-        for _ in range(new_tokens):
-            start = time.perf_counter()
-            binding = sess.io_binding()
-            for name, value in ((io.INPUT_IDS, ids), (io.ATTENTION_MASK, mask), (io.POSITION_IDS, pos)):
-                binding.bind_cpu_input(name, value)
-            for name, value in zip(io.past_names(cfg), past, strict=True):
-                binding.bind_ortvalue_input(name, value)
-            for name in outputs:
-                binding.bind_output(name, "cpu")
-            sess.run_with_iobinding(binding)
-            out = binding.get_outputs()
-            nxt = out[0].numpy()[:, -1].argmax(-1)
-            steps.append(time.perf_counter() - start)
-            tokens.append(int(nxt[0]))
-            past = list(out[1:])
-            ids = nxt[:, None].astype(np.int64)
-            mask = np.ones((b, mask.shape[1] + 1), np.int64)
-            pos = pos[:, -1:] + 1
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens}
-
-
-class InplaceModel:
-    """A g2trt in-place KV cache graph through g2trt's runtime (OrtInplaceRunner: one buffer bound as past and
-    present, inputs and logits in bound arrays); the cache is allocated once per trial."""
-
-    def __init__(self, path: Path, cfg: Gemma2Config, threads: int) -> None:
-        from deploy.runners.factory import graph_contract
-        from deploy.runners.ort_runner import OrtInplaceRunner
-        from export.manifest import read_manifest
-
-        self.cfg = cfg
-        _, full_sliding = graph_contract(read_manifest(path))
-        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full_sliding)
-
-    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        from deploy.runners.base import cache_sizes
-
-        b, s = input_ids.shape
-        length, ring = cache_sizes(self.cfg, s + new_tokens, self.runner.full_sliding)
-        cache = self.runner.allocate(b, length, ring)
-        ids, pos = input_ids, np.arange(s, dtype=np.int64)[None].repeat(b, 0)
-        step_ids, step_pos = np.zeros((b, 1), np.int64), pos[:, -1:].copy()
-        steps, tokens = [], []
-        for _ in range(new_tokens):
-            start = time.perf_counter()
-            nxt = self.runner.step(ids, pos, cache)[:, -1].argmax(-1)
-            steps.append(time.perf_counter() - start)
-            tokens.append(int(nxt[0]))
-            step_ids[:, 0] = nxt
-            step_pos += 1
-            ids, pos = step_ids, step_pos
-        self.runner.release(cache)
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens}
-
-
 def ours(path: Path, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:
-    return InplaceModel(path, cfg, threads) if kv_cache == "inplace" else OrtModel(path, cfg, threads)
+    from benchmarks.timed_models import InplaceModel, OrtModel
+
+    name = f"g2trt {path.parent.name}"
+    return InplaceModel(name, path, cfg, threads) if kv_cache == "inplace" else OrtModel(name, path, cfg, threads)
 
 
 def _model(b: Built, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:

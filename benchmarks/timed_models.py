@@ -1,0 +1,112 @@
+"""The g2trt models the benchmarks time, one loop each contract: greedy generation, batch 1 or more,
+each step timed with its argmax. Shared by bench_ort_targets, bench_inplace and bench_quant.
+
+Module-level imports stay light (numpy, export's contract and config), and onnxruntime and g2trt's runner
+(which pulls in torch through its plugin check) are imported where a model is made: bench_quant's peak-RSS
+children load one model each and must carry only what that model needs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export import io_contract as io
+from export.config import Gemma2Config
+
+
+class OrtModel:
+    """A g2trt graph in a plain onnxruntime session, run the way a generation loop runs it."""
+
+    def __init__(self, name: str, path: Path, cfg: Gemma2Config, threads: int) -> None:
+        import onnxruntime as ort
+
+        self.name, self.cfg = name, cfg
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        """Greedy generation through IOBinding: the presents stay onnxruntime values and feed the next
+        step as they are (as a serving loop keeps them), only the last logits come back to numpy."""
+        import onnxruntime as ort
+
+        cfg, sess = self.cfg, self.session
+        b, s = input_ids.shape
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32))
+        past = [empty] * (2 * cfg.num_hidden_layers)
+        mask = np.ones((b, s), np.int64)
+        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
+        outputs = [o.name for o in sess.get_outputs()]
+        ids, steps, tokens, first_logits = input_ids, [], [], None
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            binding = sess.io_binding()
+            for name, value in ((io.INPUT_IDS, ids), (io.ATTENTION_MASK, mask), (io.POSITION_IDS, pos)):
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(io.past_names(cfg), past, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in outputs:
+                binding.bind_output(name, "cpu")
+            sess.run_with_iobinding(binding)
+            out = binding.get_outputs()
+            logits = out[0].numpy()[:, -1]
+            nxt = logits.argmax(-1)
+            steps.append(time.perf_counter() - start)
+            if step == 0:
+                first_logits = logits
+            tokens.append(int(nxt[0]))
+            past = list(out[1:])
+            ids = nxt[:, None].astype(np.int64)
+            mask = np.ones((b, mask.shape[1] + 1), np.int64)
+            pos = pos[:, -1:] + 1
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first_logits}
+
+
+class InplaceModel:
+    """A g2trt in-place graph through g2trt's runtime: the cache allocated once per trial, written in place."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        cfg: Gemma2Config,
+        threads: int,
+        full_sliding: bool | None = None,
+        decode_graph: bool | None = None,
+    ) -> None:
+        from deploy.runners.factory import graph_contract
+        from deploy.runners.ort_runner import OrtInplaceRunner
+        from export.manifest import read_manifest
+
+        self.name, self.cfg = name, cfg
+        _, recorded = graph_contract(read_manifest(path))
+        full = recorded if full_sliding is None else full_sliding
+        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full, decode_graph=decode_graph)
+
+    def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        from deploy.runners.base import cache_sizes
+
+        b, s = input_ids.shape
+        length, ring = cache_sizes(self.cfg, s + new_tokens, self.runner.full_sliding)
+        cache = self.runner.allocate(b, length, ring)
+        pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
+        ids, steps, tokens, first = input_ids, [], [], None
+        step_ids, step_pos = np.zeros((b, 1), np.int64), pos[:, -1:].copy()
+        for step in range(new_tokens):
+            start = time.perf_counter()
+            logits = self.runner.step(ids, pos, cache)
+            nxt = logits[:, -1].argmax(-1)
+            steps.append(time.perf_counter() - start)
+            if step == 0:
+                first = np.array(logits[:, -1])
+            tokens.append(int(nxt[0]))
+            step_ids[:, 0] = nxt
+            step_pos += 1
+            ids, pos = step_ids, step_pos
+        self.runner.release(cache)
+        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": tokens, "first_logits": first}
