@@ -18,17 +18,33 @@ from export import io_contract as io
 from export.config import Gemma2Config
 
 
+def cpu_session(model: str | bytes, threads: int) -> Any:
+    """An onnxruntime CPU session of a model file or its bytes, `threads` intra-op threads, one inter-op."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def time_floor_rows(session: Any, x: np.ndarray, prompt: int, new_tokens: int) -> dict[str, Any]:
+    """A floor model's trial: its graph on `prompt` rows of `x` (prefill), then on one row per step."""
+    steps = []
+    for step in range(new_tokens):
+        rows = x[:prompt] if step == 0 else x[step : step + 1]
+        start = time.perf_counter()
+        session.run(None, {"x": rows})
+        steps.append(time.perf_counter() - start)
+    return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": None, "first_logits": None}
+
+
 class OrtModel:
     """A g2trt graph in a plain onnxruntime session, run the way a generation loop runs it."""
 
     def __init__(self, name: str, path: Path, cfg: Gemma2Config, threads: int) -> None:
-        import onnxruntime as ort
-
         self.name, self.cfg = name, cfg
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(str(path), threads)
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         """Greedy generation through IOBinding: the presents stay onnxruntime values and feed the next

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from benchmarks.timed_models import OrtModel  # noqa: E402
+from benchmarks.timed_models import OrtModel, cpu_session, time_floor_rows  # noqa: E402
 from deploy.bench.genai_peer import first_row  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
@@ -133,20 +132,11 @@ class FloorModel:
             inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(model.SerializeToString(), threads)
         self.x = rng.standard_normal((8192, d)).astype(np.float32)
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        steps = []
-        for step in range(new_tokens):
-            rows = self.x[: input_ids.shape[1]] if step == 0 else self.x[step : step + 1]
-            start = time.perf_counter()
-            self.session.run(None, {"x": rows})
-            steps.append(time.perf_counter() - start)
-        return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": None, "first_logits": None}
+        return time_floor_rows(self.session, self.x, input_ids.shape[1], new_tokens)
 
 
 FLOOR_LAST = "floor: weight products only, head on the last row"
