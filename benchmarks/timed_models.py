@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -102,13 +102,19 @@ class InplaceModel:
         self.name, self.cfg = name, cfg
         _, recorded = graph_contract(read_manifest(path))
         full = recorded if full_sliding is None else full_sliding
-        self.runner = OrtInplaceRunner(path, cfg, threads=threads, full_sliding=full, decode_graph=decode_graph)
+        # full_sliding=True forces full buffers at any length; None leaves the choice to the manifest
+        limit: Literal["manifest"] | None = None if full_sliding else "manifest"
+        self.runner = OrtInplaceRunner(
+            path, cfg, threads=threads, full_sliding=full, full_sliding_max=limit, decode_graph=decode_graph
+        )
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         from deploy.runners.base import cache_sizes
 
         b, s = input_ids.shape
-        length, ring = cache_sizes(self.cfg, s + new_tokens, self.runner.full_sliding)
+        length, ring = cache_sizes(
+            self.cfg, s + new_tokens, self.runner.full_sliding, full_max=self.runner.full_sliding_max
+        )
         cache = self.runner.allocate(b, length, ring)
         pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
         ids, steps, tokens, first = input_ids, [], [], None

@@ -23,7 +23,7 @@ from graph_passes.driver import Pass
 from graph_passes.errors import OptimizeError, SiteCountError
 from graph_passes.graph import INTERNAL_DOMAIN, PassGraph, all_nodes
 from graph_passes.report import OptimizeReport, PassReport, op_counts
-from graph_passes.targets import REQUIRES, SLIDING_BUFFERS, TARGETS, passes_for
+from graph_passes.targets import REQUIRES, SLIDING_BUFFERS, SLIDING_FULL_MAX, TARGETS, passes_for
 from trt_plugins.spec import DOMAIN as PLUGIN_DOMAIN
 
 MODEL_FILE = "model.onnx"
@@ -91,6 +91,8 @@ def optimize(
         options = manifest.get("options") or {"dtype": manifest.get("dtype"), "opset": manifest.get("opset")}
         if options.get("kv_cache") == "inplace" and passes is None:
             extra["kv_cache_sliding"] = SLIDING_BUFFERS[target]
+            if target in SLIDING_FULL_MAX:
+                extra["kv_cache_sliding_full_max"] = SLIDING_FULL_MAX[target]
         write_manifest(tmp, build_manifest(cfg, tmp / MODEL_FILE, options, "optimize", hashes, **extra))
         (tmp / REPORT_JSON).write_text(report.dumps())
         (tmp / REPORT_TEXT).write_text(report.text())

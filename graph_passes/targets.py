@@ -91,6 +91,17 @@ SLIDING_BUFFERS: dict[str, str] = {
     "trt-native": "full",  # TensorRT's KV-cache update is linear only
 }
 
+# Where "full" is a preference, not a need: the longest sequence (positions) given full sliding buffers; a
+# longer one gets rings. GroupQueryAttention's CPU kernel costs in proportion to the positions it holds,
+# whatever its window (benchmarks/ort_targets/results_gqa_length.md), while the standard-op branch on a
+# ring costs by the ring's slots. Measured on the medium model (window 128, benchmarks/inplace/
+# results_sliding_full_max.md): full buffers decode at 0.97x the ring's time at 300 positions, 0.96x at
+# 700, 1.04x at 1000, 1.07x at 2000 and 1.16x at 4000; the crossover is near 1000 positions (an
+# earlier ad hoc run had them even at 1030). With Gemma 2's window of 4096 the rule changes nothing below
+# 4096 positions (a ring is never longer than the sequence) and gives rings beyond, where GQA over every
+# position costs more than the standard ops over 4096 slots.
+SLIDING_FULL_MAX: dict[str, int] = {"ort": 1024}
+
 
 # Passes a quantized export (export/quantize.py: weights behind DequantizeLinear) does not run:
 # - fuse_parallel_matmuls: ONNX's Concat takes no int4, and for int8 one MatMulNBits on the concatenated

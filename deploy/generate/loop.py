@@ -158,7 +158,7 @@ def generate_inplace(
     width = ids.shape[1]
     pos = padded_positions([len(p) for p in prompts], width)
     continuing = chunk if chunk is not None and chunk < width else 1  # a first prompt fits any ring
-    length, ring = cache_sizes(cfg, width + new_max, runner.full_sliding, continuing)
+    length, ring = cache_sizes(cfg, width + new_max, runner.full_sliding, continuing, runner.full_sliding_max)
     cache = runner.allocate(batch, length, ring)
 
     out = np.zeros((batch, new_max), dtype=np.int64)

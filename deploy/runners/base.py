@@ -67,6 +67,7 @@ class InplaceRunner(Protocol):
     config: Gemma2Config
     kv_cache: Literal["inplace"]
     full_sliding: bool  # True: sliding layers need `length` slots too (no ring), e.g. TensorRT's linear cache update
+    full_sliding_max: int | None  # full sliding buffers only up to this many positions (None: always)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache: ...
 
@@ -79,13 +80,17 @@ class CacheSizeError(G2trtError, ValueError):
     """A step or generation that does not fit the in-place cache."""
 
 
-def cache_sizes(cfg: Gemma2Config, positions: int, full_sliding: bool = False, chunk: int = 1) -> tuple[int, int]:
+def cache_sizes(
+    cfg: Gemma2Config, positions: int, full_sliding: bool = False, chunk: int = 1, full_max: int | None = None
+) -> tuple[int, int]:
     """(length, ring) for sequences of up to `positions` tokens (prompt + new, padding included).
 
     A ring needs `window` slots for one-token steps and `window + chunk - 1` when a multi-token step of
     `chunk` tokens continues a sequence (chunked prefill); a first prompt of any length fits any ring.
+    `full_sliding`: sliding layers get `positions` slots, for sequences of at most `full_max` positions.
     """
-    ring = positions if full_sliding else min(positions, cfg.sliding_window + chunk - 1)
+    full = full_sliding and (full_max is None or positions <= full_max)
+    ring = positions if full else min(positions, cfg.sliding_window + chunk - 1)
     return positions, ring
 
 

@@ -87,6 +87,10 @@ class OrtInplaceRunner(_OrtModel):
     The logits returned are the bound output array itself: valid until the next step of that shape
     (copy them to keep them).
 
+    `full_sliding`: sliding layers get buffers as long as the global ones, for sequences of at most
+    `full_sliding_max` positions (default: what the graph's manifest records, `kv_cache_sliding_full_max`;
+    None: any length); longer ones get rings (graph_passes/targets.py says why).
+
     `decode_graph`: one-token steps on full-length buffers run the graph's one-token form
     (graph_passes/decode_graph.py: no per-layer `If`) in a second session. None = when the graph is an
     `ort` in-place graph whose weights take at most `DECODE_GRAPH_MAX_BYTES`: the second session holds a
@@ -101,11 +105,15 @@ class OrtInplaceRunner(_OrtModel):
         config: Gemma2Config,
         *,
         full_sliding: bool = False,
+        full_sliding_max: int | Literal["manifest"] | None = "manifest",
         decode_graph: bool | None = None,
         **options: Any,
     ) -> None:
         super().__init__(model_path, config, **options)
         self.full_sliding = full_sliding
+        if full_sliding_max == "manifest":
+            full_sliding_max = (_manifest(model_path) or {}).get("kv_cache_sliding_full_max")
+        self.full_sliding_max: int | None = full_sliding_max
         logits = next(o for o in self.session.get_outputs() if o.name == io.LOGITS)
         self.last_logits_only = logits.shape[1] == 1
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
@@ -113,7 +121,8 @@ class OrtInplaceRunner(_OrtModel):
         self.decode_session = _decode_session(Path(model_path), self.session, decode_graph, options)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
-        ring = length if self.full_sliding or ring is None else ring
+        full = self.full_sliding and (self.full_sliding_max is None or length <= self.full_sliding_max)
+        ring = length if full or ring is None else ring
         return allocate_buffers(self.config, batch, length, ring, lambda shape: np.zeros(shape, self.kv_dtype))
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:

@@ -47,6 +47,7 @@ class TorchInplaceRunner:
 
     kv_cache: Literal["inplace"] = "inplace"
     full_sliding = False
+    full_sliding_max: int | None = None
 
     def __init__(self, model: Gemma2ForCausalLM, name: str = "torch") -> None:
         self.model = model

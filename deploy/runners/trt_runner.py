@@ -240,6 +240,7 @@ class TrtInplaceRunner(_TrtEngine):
     ) -> None:
         super().__init__(engine_path, config, name=name)
         self.full_sliding = full_sliding
+        self.full_sliding_max: int | None = None  # the engine fixed its cache lengths
         self.capture_decode = capture_decode
         self.length, self.ring = self._static_lengths(str(engine_path))
         self._bindings: dict[tuple[int, int, int], _DeviceStep] = {}

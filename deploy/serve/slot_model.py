@@ -90,7 +90,7 @@ class InPlaceSlots:
         self.runner = runner
         self.slots = slots
         self.max_len = max_len
-        length, ring = cache_sizes(runner.config, max_len, runner.full_sliding)
+        length, ring = cache_sizes(runner.config, max_len, runner.full_sliding, full_max=runner.full_sliding_max)
         self.cache = runner.allocate(slots, length, ring)
         self._next = np.zeros(slots, dtype=np.int64)  # each slot's next position
         self._ids = np.full((slots, 1), runner.config.pad_token_id, dtype=np.int64)

@@ -118,7 +118,9 @@ def compare_inplace(
         lengths = mask.sum(axis=1)
         cpos = padded_positions(lengths.tolist(), width)
         past_r: KVCache = reference.empty_past(batch)
-        length, ring = cache_sizes(cfg, width + decode_steps, candidate.full_sliding)
+        length, ring = cache_sizes(
+            cfg, width + decode_steps, candidate.full_sliding, full_max=candidate.full_sliding_max
+        )
         cache = candidate.allocate(batch, length, ring)
         for step in range(decode_steps + 1):
             ref, past_r = reference.forward(ids, mask, pos, past_r)

@@ -68,7 +68,7 @@ def position_logits(runner: Runner | InplaceRunner, ids: np.ndarray, stepwise: b
 
 def _inplace_logits(runner: InplaceRunner, ids: np.ndarray, stepwise: bool) -> np.ndarray:
     n = ids.shape[1]
-    length, ring = cache_sizes(runner.config, n, runner.full_sliding)
+    length, ring = cache_sizes(runner.config, n, runner.full_sliding, full_max=runner.full_sliding_max)
     if not stepwise:
         logits = runner.step(ids, np.arange(n, dtype=np.int64)[None], runner.allocate(1, length, ring))
         if logits.shape[1] == n:

@@ -18,6 +18,7 @@ from deploy.engine.build import BuildError, BuildOptions, build_engine
 from deploy.engine.profiles import ProfileError
 from deploy.generate.loop import GenerationConfig, GenerationError, generate
 from deploy.runners import ort_runner
+from deploy.runners.base import cache_sizes
 from deploy.runners.factory import graph_contract
 from deploy.runners.ort_runner import OrtInplaceRunner
 from deploy.runners.torch_runner import TorchInplaceRunner, TorchRunner
@@ -26,6 +27,7 @@ from export.errors import G2trtError
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_onnx
 from export.weights import load_model
+from graph_passes.targets import SLIDING_FULL_MAX
 from tests.deploy.build_graphs import optimized
 
 LENGTHS = (25, 22, 5)
@@ -105,6 +107,24 @@ def test_logits_within_bound_of_the_dynamic_contract(target, inplace_graphs, run
 def test_sliding_buffers_each_target_needs(inplace_graphs) -> None:
     assert graph_contract(read_manifest(inplace_graphs("trt-native"))) == ("inplace", True)  # linear writes
     assert graph_contract(read_manifest(inplace_graphs("ort"))) == ("inplace", True)  # GQA on every layer
+    assert read_manifest(inplace_graphs("ort"))["kv_cache_sliding_full_max"] == SLIDING_FULL_MAX["ort"]
+    assert "kv_cache_sliding_full_max" not in read_manifest(inplace_graphs("trt-native"))  # a need, at any length
+
+
+def test_ort_full_sliding_buffers_up_to_their_max(inplace_graphs, runtime_cfg, prompts, reference_tokens) -> None:
+    """Full sliding buffers for sequences up to the manifest's `kv_cache_sliding_full_max`, rings beyond
+    (GQA's cost grows with the positions it holds, the ring's with its slots): same tokens either way."""
+    path = inplace_graphs("ort")
+    runner = OrtInplaceRunner(path, runtime_cfg, full_sliding=True)
+    assert runner.full_sliding_max == SLIDING_FULL_MAX["ort"]
+    window, short = runtime_cfg.sliding_window, runner.full_sliding_max
+    assert cache_sizes(runtime_cfg, short, True, full_max=short) == (short, short)
+    assert cache_sizes(runtime_cfg, short + 1, True, full_max=short) == (short + 1, window)
+    assert runner.allocate(1, short + 1, window).ring == window
+    longest = max(len(p) for p in prompts) + NEW
+    capped = OrtInplaceRunner(path, runtime_cfg, full_sliding=True, full_sliding_max=longest - 1)
+    got = generate(capped, prompts, GenerationConfig(max_new_tokens=NEW, stop_tokens=()))
+    assert got.tokens == reference_tokens
 
 
 def test_ort_target_on_sliding_rings(inplace_graphs, runtime_cfg, prompts, reference_tokens) -> None:
