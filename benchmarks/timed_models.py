@@ -109,12 +109,10 @@ class InplaceModel:
         )
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        from deploy.runners.base import cache_sizes
+        from deploy.runners.base import runner_cache_sizes
 
         b, s = input_ids.shape
-        length, ring = cache_sizes(
-            self.cfg, s + new_tokens, self.runner.full_sliding, full_max=self.runner.full_sliding_max
-        )
+        length, ring = runner_cache_sizes(self.runner, s + new_tokens)
         cache = self.runner.allocate(b, length, ring)
         pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
         ids, steps, tokens, first = input_ids, [], [], None

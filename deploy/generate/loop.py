@@ -23,7 +23,7 @@ import numpy as np
 
 from deploy.generate import kv_cache
 from deploy.generate.sampling import SamplingConfig, next_tokens
-from deploy.runners.base import InplaceCache, InplaceRunner, Runner, cache_sizes, padded_positions
+from deploy.runners.base import InplaceCache, InplaceRunner, Runner, padded_positions, runner_cache_sizes
 from deploy.verify.parity import position_ids
 from export.config import Gemma2Config
 from export.errors import G2trtError
@@ -158,7 +158,7 @@ def generate_inplace(
     width = ids.shape[1]
     pos = padded_positions([len(p) for p in prompts], width)
     continuing = chunk if chunk is not None and chunk < width else 1  # a first prompt fits any ring
-    length, ring = cache_sizes(cfg, width + new_max, runner.full_sliding, continuing, runner.full_sliding_max)
+    length, ring = runner_cache_sizes(runner, width + new_max, continuing)
     cache = runner.allocate(batch, length, ring)
 
     out = np.zeros((batch, new_max), dtype=np.int64)

@@ -89,9 +89,22 @@ def cache_sizes(
     `chunk` tokens continues a sequence (chunked prefill); a first prompt of any length fits any ring.
     `full_sliding`: sliding layers get `positions` slots, for sequences of at most `full_max` positions.
     """
-    full = full_sliding and (full_max is None or positions <= full_max)
-    ring = positions if full else min(positions, cfg.sliding_window + chunk - 1)
+    ring = (
+        positions
+        if sliding_is_full(positions, full_sliding, full_max)
+        else min(positions, cfg.sliding_window + chunk - 1)
+    )
     return positions, ring
+
+
+def sliding_is_full(positions: int, full_sliding: bool, full_max: int | None) -> bool:
+    """Whether sequences of `positions` tokens get full-length sliding buffers (`full_sliding`, up to `full_max`)."""
+    return full_sliding and (full_max is None or positions <= full_max)
+
+
+def runner_cache_sizes(runner: InplaceRunner, positions: int, chunk: int = 1) -> tuple[int, int]:
+    """`cache_sizes` for what `runner` needs of its sliding buffers."""
+    return cache_sizes(runner.config, positions, runner.full_sliding, chunk, runner.full_sliding_max)
 
 
 def allocate_buffers(

@@ -27,6 +27,7 @@ from deploy.runners.base import (
     allocate_buffers,
     check_step,
     contract_feeds,
+    sliding_is_full,
     split_outputs,
     zeros_past,
 )
@@ -56,7 +57,8 @@ class _OrtModel:
     ) -> None:
         self.name = name
         self.config = config
-        self.session = open_session(model_path, threads, optimize, providers, session_options)
+        self.manifest = _manifest(model_path)  # read once: its requirements, providers and runtime choices
+        self.session = open_session(model_path, self.manifest, threads, optimize, providers, session_options)
         check_contract(self.session, config, str(model_path), self.kv_cache)
         self.kv_dtype = cache_dtype(self.session, str(model_path))
 
@@ -112,17 +114,16 @@ class OrtInplaceRunner(_OrtModel):
         super().__init__(model_path, config, **options)
         self.full_sliding = full_sliding
         if full_sliding_max == "manifest":
-            full_sliding_max = (_manifest(model_path) or {}).get("kv_cache_sliding_full_max")
+            full_sliding_max = self.manifest.get("kv_cache_sliding_full_max")
         self.full_sliding_max: int | None = full_sliding_max
         logits = next(o for o in self.session.get_outputs() if o.name == io.LOGITS)
         self.last_logits_only = logits.shape[1] == 1
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
         self._last: _Binding | None = None  # the binding of the latest one-token step
-        self.decode_session = _decode_session(Path(model_path), self.session, decode_graph, options)
+        self.decode_session = _decode_session(Path(model_path), self.manifest, self.session, decode_graph, options)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
-        full = self.full_sliding and (self.full_sliding_max is None or length <= self.full_sliding_max)
-        ring = length if full or ring is None else ring
+        ring = length if ring is None or sliding_is_full(length, self.full_sliding, self.full_sliding_max) else ring
         return allocate_buffers(self.config, batch, length, ring, lambda shape: np.zeros(shape, self.kv_dtype))
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: InplaceCache) -> np.ndarray:
@@ -177,12 +178,15 @@ DECODE_GRAPH_MAX_BYTES = 32 << 20
 
 
 def _decode_session(
-    model_path: Path, session: ort.InferenceSession, wanted: bool | None, options: dict[str, Any]
+    model_path: Path,
+    manifest: dict[str, Any],
+    session: ort.InferenceSession,
+    wanted: bool | None,
+    options: dict[str, Any],
 ) -> ort.InferenceSession | None:
     """A session of the graph's one-token form (graph_passes/decode_graph.py), or None where it does not apply."""
     if wanted is False:
         return None
-    manifest = _manifest(model_path) or {}
     if manifest.get("target") != "ort" or manifest.get("provider", "cpu") != "cpu":
         if wanted:
             raise G2trtError(f"{model_path}: a one-token graph is derived from the `ort` target's CPU form only")
@@ -224,6 +228,7 @@ def _address(a: np.ndarray) -> int:
 
 def open_session(
     model_path: str | Path,
+    manifest: dict[str, Any],
     threads: int | None,
     optimize: bool,
     providers: list[str] | None,
@@ -235,7 +240,6 @@ def open_session(
         so.intra_op_num_threads = threads
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    manifest = _manifest(model_path)
     check_requires(manifest, str(model_path))
     try:
         if uses_plugin_ops(model_path):

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from deploy.generate import kv_cache
-from deploy.runners.base import InplaceRunner, KVCache, Runner, cache_sizes
+from deploy.runners.base import InplaceRunner, KVCache, Runner, runner_cache_sizes
 
 
 class SlotModel(Protocol):
@@ -90,7 +90,7 @@ class InPlaceSlots:
         self.runner = runner
         self.slots = slots
         self.max_len = max_len
-        length, ring = cache_sizes(runner.config, max_len, runner.full_sliding, full_max=runner.full_sliding_max)
+        length, ring = runner_cache_sizes(runner, max_len)
         self.cache = runner.allocate(slots, length, ring)
         self._next = np.zeros(slots, dtype=np.int64)  # each slot's next position
         self._ids = np.full((slots, 1), runner.config.pad_token_id, dtype=np.int64)

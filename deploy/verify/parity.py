@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from deploy.runners.base import InplaceRunner, KVCache, Runner, cache_sizes, padded_positions
+from deploy.runners.base import InplaceRunner, KVCache, Runner, padded_positions, runner_cache_sizes
 from export.config import Gemma2Config
 
 
@@ -118,9 +118,7 @@ def compare_inplace(
         lengths = mask.sum(axis=1)
         cpos = padded_positions(lengths.tolist(), width)
         past_r: KVCache = reference.empty_past(batch)
-        length, ring = cache_sizes(
-            cfg, width + decode_steps, candidate.full_sliding, full_max=candidate.full_sliding_max
-        )
+        length, ring = runner_cache_sizes(candidate, width + decode_steps)
         cache = candidate.allocate(batch, length, ring)
         for step in range(decode_steps + 1):
             ref, past_r = reference.forward(ids, mask, pos, past_r)

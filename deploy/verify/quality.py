@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from deploy.runners.base import InplaceRunner, Runner, cache_sizes
+from deploy.runners.base import InplaceRunner, Runner, runner_cache_sizes
 from export.config import Gemma2Config
 
 # Lowest teacher-forced top-1 agreement `g2trt verify` accepts per scheme. These catch a broken graph (a
@@ -68,7 +68,7 @@ def position_logits(runner: Runner | InplaceRunner, ids: np.ndarray, stepwise: b
 
 def _inplace_logits(runner: InplaceRunner, ids: np.ndarray, stepwise: bool) -> np.ndarray:
     n = ids.shape[1]
-    length, ring = cache_sizes(runner.config, n, runner.full_sliding, full_max=runner.full_sliding_max)
+    length, ring = runner_cache_sizes(runner, n)
     if not stepwise:
         logits = runner.step(ids, np.arange(n, dtype=np.int64)[None], runner.allocate(1, length, ring))
         if logits.shape[1] == n:
