@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import FLOOR_LAST, FloorModel, bench_config, machine, model_args  # noqa: E402
+from bench_ort_targets import FLOOR_LAST, FloorModel, bench_config, machine, model_args, trial_args  # noqa: E402
 
 from benchmarks.timed_models import InplaceModel, OrtModel  # noqa: E402
 from deploy.bench.genai_peer import first_row  # noqa: E402
@@ -191,15 +191,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--tiny-prompt", type=int, default=32)
     ap.add_argument("--decode", type=int, default=32, help="decode steps per round")
-    ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cooldown", type=float, default=1.0, help="idle seconds before each trial")
-    ap.add_argument("--seed", type=int, default=0)
+    trial_args(ap, rounds=11, cooldown=1.0, out=HERE)
     ap.add_argument("--no-genai", action="store_true")
     ap.add_argument("--no-tiny", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
-    ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
         args.layers, args.hidden, args.heads, args.vocab, args.window = 2, 128, 4, 2048, 16

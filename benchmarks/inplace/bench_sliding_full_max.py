@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import bench_config, machine, model_args  # noqa: E402
+from bench_ort_targets import bench_config, machine, model_args, trial_args  # noqa: E402
 
 from deploy.runners.base import InplaceCache, cache_sizes  # noqa: E402
 from deploy.runners.ort_runner import OrtInplaceRunner  # noqa: E402
@@ -136,13 +136,7 @@ def main() -> None:
     model_args(ap, window=128)
     ap.add_argument("--positions", type=int, nargs="+", default=[300, 700, 1000, 1500, 2000, 4000])
     ap.add_argument("--decode", type=int, default=24, help="one-token steps per trial")
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cooldown", type=float, default=0.5, help="idle seconds before each trial")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
-    ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: system temp)")
+    trial_args(ap, rounds=9, cooldown=0.5, out=HERE)
     args = ap.parse_args()
     if args.quick:
         args.layers, args.hidden, args.heads, args.vocab = 2, 128, 4, 2048

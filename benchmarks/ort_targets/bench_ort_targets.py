@@ -271,19 +271,24 @@ def model_args(ap: argparse.ArgumentParser, window: int) -> None:
     ap.add_argument("--window", type=int, default=window, help="sliding window")
 
 
+def trial_args(ap: argparse.ArgumentParser, rounds: int, cooldown: float, out: Path) -> None:
+    """How the interleaved trials run and where results go: the options every such benchmark takes."""
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cooldown", type=float, default=cooldown, help="idle seconds before each trial")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: system temp)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args(ap, window=4096)  # Gemma 2's window: longer than any prompt here
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=16, help="decode steps per round")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cooldown", type=float, default=0.1, help="idle seconds before each trial")
-    ap.add_argument("--seed", type=int, default=0)
+    trial_args(ap, rounds=15, cooldown=0.1, out=HERE)
     ap.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai (not installed)")
-    ap.add_argument("--quick", action="store_true", help="small model, few rounds: checks the script runs")
-    ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: system temp)")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.hidden, args.heads, args.vocab = 2, 128, 4, 2048
