@@ -8,7 +8,9 @@ children load one model each and must carry only what that model needs.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,23 +21,40 @@ from export.config import Gemma2Config
 
 
 def cpu_session(model: str | bytes, threads: int) -> Any:
-    """An onnxruntime CPU session of a model file or its bytes, `threads` intra-op threads, one inter-op."""
+    """An onnxruntime CPU session of a model file or its bytes, `threads` intra-op threads, one inter-op,
+    in the floating-point mode g2trt's runners use (denormals flushed: deploy/runners/denormals.py)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
+    from deploy.runners import denormals
+
+    so = denormals.configure(ort.SessionOptions())
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    with denormals.kept_mode():
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def flushed() -> Iterator[None]:
+    """This thread flushing denormals for a trial, as g2trt's runners do around each run."""
+    from deploy.runners import denormals
+
+    undo = denormals.flush()
+    try:
+        yield
+    finally:
+        denormals.restore(undo)
 
 
 def time_floor_rows(session: Any, x: np.ndarray, prompt: int, new_tokens: int) -> dict[str, Any]:
     """A floor model's trial: its graph on `prompt` rows of `x` (prefill), then on one row per step."""
     steps = []
-    for step in range(new_tokens):
-        rows = x[:prompt] if step == 0 else x[step : step + 1]
-        start = time.perf_counter()
-        session.run(None, {"x": rows})
-        steps.append(time.perf_counter() - start)
+    with flushed():
+        for step in range(new_tokens):
+            rows = x[:prompt] if step == 0 else x[step : step + 1]
+            start = time.perf_counter()
+            session.run(None, {"x": rows})
+            steps.append(time.perf_counter() - start)
     return {"ttft_s": steps[0], "step_s": steps[1:], "tokens": None, "first_logits": None}
 
 
@@ -49,6 +68,10 @@ class OrtModel:
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         """Greedy generation through IOBinding: the presents stay onnxruntime values and feed the next
         step as they are (as a serving loop keeps them), only the last logits come back to numpy."""
+        with flushed():  # as g2trt's dynamic-contract runner runs
+            return self._trial(input_ids, new_tokens)
+
+    def _trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         import onnxruntime as ort
 
         cfg, sess = self.cfg, self.session

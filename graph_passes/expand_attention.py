@@ -3,7 +3,7 @@
     present_k = Concat(past_key, key, 2)             present_v = Concat(past_value, value, 2)
     qg     = Reshape(query, [B, KV, R*S, Dh])                   # R = H / KV query heads per KV head
     scores = Reshape(qg @ present_kᵀ, [B, H, S, T]) [Cast f32] * scale
-    scores = c * tanh(scores / c)                               # if softcap
+    scores = c * tanh(scores / c)                               # if softcap (one Mul: scale / c)
     probs  = Softmax(scores + bias(attention_mask, window), -1) [Cast]
     out    = Reshape(Reshape(probs, [B, KV, R*S, T]) @ present_v, [B, H, S, Dh])
 
@@ -81,10 +81,7 @@ def rewrite(g: PassGraph, site: Site) -> None:
     k_t = g.op("Transpose", [present_k], like=node, dtype=present_k.dtype, perm=[0, 1, 3, 2])
     scores = g.op("MatMul", [qg, k_t], like=node, dtype=qdt)
     scores = g.op("Reshape", [scores, shape(0, h, -1, 0)], like=node, dtype=qdt)
-    scores = primitives.cast(g, scores, np.float32, node)
-    scores = g.op("Mul", [scores, g.constant("scale", np.array(a["scale"], np.float32))], like=node, dtype=np.float32)
-    if a["softcap"]:
-        scores = primitives.softcap(g, scores, float(a["softcap"]), node)
+    scores = primitives.scaled_scores(g, scores, float(a["scale"]), float(a["softcap"] or 0), node)
     scores = g.op("Add", [scores, bias], like=node, dtype=np.float32)
     probs = g.op("Softmax", [scores], like=node, dtype=np.float32, axis=-1)
     probs = primitives.cast(g, probs, primitives.dtype_of(present_v) or np.float32, node)

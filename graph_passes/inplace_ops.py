@@ -171,10 +171,7 @@ def attention(
         blocks.append(g.op("MatMul", [qg, kt], like=like, dtype=qdt))
     scores = blocks[0] if len(blocks) == 1 else g.op("Concat", blocks, like=like, dtype=qdt, axis=-1)
     scores = g.op("Reshape", [scores, shape(0, h, -1, 0)], like=like, dtype=qdt)
-    scores = primitives.cast(g, scores, F32, like)
-    scores = g.op("Mul", [scores, g.constant("scale", np.array(attrs["scale"], F32))], like=like, dtype=F32)
-    if attrs["softcap"]:
-        scores = primitives.softcap(g, scores, float(attrs["softcap"]), like)
+    scores = primitives.scaled_scores(g, scores, float(attrs["scale"]), float(attrs["softcap"] or 0), like)
     probs = g.op("Softmax", [g.op("Add", [scores, bias_], like=like, dtype=F32)], like=like, dtype=F32, axis=-1)
     vdt = dtype_of(values[0]) or F32
     probs = g.op("Reshape", [primitives.cast(g, probs, vdt, like), shape(0, kv, -1, 0)], like=like, dtype=vdt)

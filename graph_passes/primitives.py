@@ -60,6 +60,21 @@ def softcap(g: PassGraph, x: gs.Tensor, cap: float, like: gs.Node) -> gs.Tensor:
     return g.op("Mul", [t, c], like=like, dtype=x.dtype, shape=x.shape)
 
 
+def scaled_scores(g: PassGraph, scores: gs.Tensor, scale: float, cap: float | None, like: gs.Node) -> gs.Tensor:
+    """Attention scores in fp32, scaled and soft-capped: `cap * tanh(s * (scale / cap))`, or `s * scale`.
+
+    One Mul carries both the scale and the cap's divisor (the model's `s * scale / cap` in one rounding):
+    onnxruntime folds it into the score MatMul's alpha, where a separate Div is one more pass over the
+    [B, H, S, T] scores per layer (~0.1 ms of a 256-token prompt's 1.7 ms attention, medium model)."""
+    scores = cast(g, scores, F32, like)
+    factor = scale / cap if cap else scale
+    scores = g.op("Mul", [scores, g.constant("scale", np.array(factor, F32))], like=like, dtype=F32)
+    if not cap:
+        return scores
+    t = g.op("Tanh", [scores], like=like, dtype=F32)
+    return g.op("Mul", [t, g.constant("cap", np.array(cap, F32))], like=like, dtype=F32, shape=scores.shape)
+
+
 def dim(g: PassGraph, x: gs.Tensor, axis: int, like: gs.Node) -> gs.Tensor:
     """x.shape[axis] as an int64 [1] tensor."""
     return g.op("Shape", [x], like=like, dtype=np.int64, shape=[1], start=axis, end=axis + 1)

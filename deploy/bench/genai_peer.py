@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deploy.runners import denormals
 from export.atomic import atomic_dir
 from export.errors import G2trtError
 
@@ -89,19 +90,34 @@ class GenaiModel:
 
     name = "ort-genai"
 
-    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, threads: int | None = None, flush_denormals: bool = True) -> None:
         import onnxruntime_genai as og
 
         self.og = og
+        # The floating-point mode g2trt's runners run in (deploy/runners/denormals.py), given to the peer
+        # too: genai's config has no session entry for it, but the session's pool threads inherit the mode
+        # of the thread that creates them, and each trial runs flushed on the calling thread.
+        self.flush_denormals = flush_denormals
         config = og.Config(str(model_dir))
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
+        undo = denormals.flush() if flush_denormals else False
+        try:
+            self.model = og.Model(config)
+        finally:
+            denormals.restore(undo)
         raw = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
         self.context = int(raw.get("context_length") or 0) or 1 << 30
         self.window = int((raw.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        undo = denormals.flush() if self.flush_denormals else False
+        try:
+            return self._trial(input_ids, new_tokens)
+        finally:
+            denormals.restore(undo)
+
+    def _trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         og = self.og
         batch, prompt = input_ids.shape
         params = og.GeneratorParams(self.model)

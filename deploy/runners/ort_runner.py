@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
+from deploy.runners import denormals
 from deploy.runners.base import (
     CacheSizeError,
     InplaceCache,
@@ -54,11 +55,15 @@ class _OrtModel:
         optimize: bool = True,
         providers: list[str] | None = None,
         session_options: ort.SessionOptions | None = None,
+        flush_denormals: bool = True,
     ) -> None:
         self.name = name
         self.config = config
+        self.flush_denormals = flush_denormals  # deploy/runners/denormals.py: why, and on which threads
         self.manifest = _manifest(model_path)  # read once: its requirements, providers and runtime choices
-        self.session = open_session(model_path, self.manifest, threads, optimize, providers, session_options)
+        self.session = open_session(
+            model_path, self.manifest, threads, optimize, providers, session_options, flush_denormals
+        )
         check_contract(self.session, config, str(model_path), self.kv_cache)
         self.kv_dtype = cache_dtype(self.session, str(model_path))
 
@@ -75,7 +80,11 @@ class OrtRunner(_OrtModel):
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
     ) -> tuple[np.ndarray, KVCache]:
         feeds = contract_feeds(input_ids, attention_mask, position_ids, past)
-        return split_outputs(self.session.run(None, feeds))
+        undo = denormals.flush() if self.flush_denormals else False
+        try:
+            return split_outputs(self.session.run(None, feeds))
+        finally:
+            denormals.restore(undo)
 
 
 class OrtInplaceRunner(_OrtModel):
@@ -139,7 +148,11 @@ class OrtInplaceRunner(_OrtModel):
                 self._bindings[key] = self._last = binding
         binding.input_ids[...] = input_ids
         binding.position_ids[...] = position_ids
-        binding.session.run_with_iobinding(binding.io)
+        undo = denormals.flush() if self.flush_denormals else False
+        try:
+            binding.session.run_with_iobinding(binding.io)
+        finally:
+            denormals.restore(undo)
         return binding.logits
 
     def release(self, cache: InplaceCache) -> None:
@@ -209,7 +222,10 @@ def _decode_session(
         so.intra_op_num_threads = options["threads"]
     if options.get("optimize") is False:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=session.get_providers())
+    if options.get("flush_denormals", True):
+        denormals.configure(so)
+    with denormals.kept_mode():
+        return ort.InferenceSession(model.SerializeToString(), so, providers=session.get_providers())
 
 
 @dataclasses.dataclass
@@ -233,18 +249,23 @@ def open_session(
     optimize: bool,
     providers: list[str] | None,
     session_options: ort.SessionOptions | None,
+    flush_denormals: bool = True,
 ) -> ort.InferenceSession:
-    """A session of a g2trt graph: the providers its manifest allows, after checking what it requires."""
+    """A session of a g2trt graph: the providers its manifest allows, after checking what it requires. With
+    `flush_denormals` its pool threads flush denormals; the creating thread's mode is left as it was."""
     so = session_options or ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if flush_denormals:
+        denormals.configure(so)
     check_requires(manifest, str(model_path))
     try:
-        if uses_plugin_ops(model_path):
-            return plugin_session(model_path, so, providers)
-        return ort.InferenceSession(str(model_path), so, providers=providers or providers_for(manifest))
+        with denormals.kept_mode():
+            if uses_plugin_ops(model_path):
+                return plugin_session(model_path, so, providers)
+            return ort.InferenceSession(str(model_path), so, providers=providers or providers_for(manifest))
     except (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile) as e:
         raise G2trtError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
