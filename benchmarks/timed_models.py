@@ -117,6 +117,7 @@ class InplaceModel:
         threads: int,
         full_sliding: bool | None = None,
         decode_graph: bool | None = None,
+        flush_denormals: bool = True,
     ) -> None:
         from deploy.runners.factory import graph_contract
         from deploy.runners.ort_runner import OrtInplaceRunner
@@ -128,7 +129,13 @@ class InplaceModel:
         # full_sliding=True forces full buffers at any length; None leaves the choice to the manifest
         limit: Literal["manifest"] | None = None if full_sliding else "manifest"
         self.runner = OrtInplaceRunner(
-            path, cfg, threads=threads, full_sliding=full, full_sliding_max=limit, decode_graph=decode_graph
+            path,
+            cfg,
+            threads=threads,
+            full_sliding=full,
+            full_sliding_max=limit,
+            decode_graph=decode_graph,
+            flush_denormals=flush_denormals,
         )
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:

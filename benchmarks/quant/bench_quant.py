@@ -101,10 +101,10 @@ def _model(b: Built, cfg: Gemma2Config, threads: int, kv_cache: str) -> Any:
     return ours(b.path, cfg, threads, kv_cache) if b.kind == "ours" else _genai(b.path, threads)
 
 
-def _genai(model_dir: Path, threads: int, flush_denormals: bool = True) -> Any:
+def _genai(model_dir: Path, threads: int) -> Any:
     from deploy.bench.genai_peer import GenaiModel  # torch-free: the peak-RSS children measure it alone
 
-    return GenaiModel(model_dir, threads, flush_denormals)
+    return GenaiModel(model_dir, threads)
 
 
 class FloorModel:
@@ -308,8 +308,7 @@ def rss_child(spec_json: str) -> None:
     cfg = Gemma2Config(**{**raw, "layer_types": tuple(raw["layer_types"]), "eos_token_id": tuple(raw["eos_token_id"])})
     if spec["kind"] is not None:
         path, threads = Path(spec["path"]), spec["threads"]
-        # genai's child keeps its mode: setting it imports torch, whose memory is not genai's
-        model = ours(path, cfg, threads, spec["kv"]) if spec["kind"] == "ours" else _genai(path, threads, False)
+        model = ours(path, cfg, threads, spec["kv"]) if spec["kind"] == "ours" else _genai(path, threads)
         rng = np.random.default_rng(spec["seed"])
         model.trial(rng.integers(3, cfg.vocab_size, size=(1, spec["prompt"]), dtype=np.int64), spec["new"])
     # VmHWM, not ru_maxrss: ru_maxrss survives exec and so includes the parent's RSS at fork

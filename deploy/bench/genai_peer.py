@@ -90,13 +90,14 @@ class GenaiModel:
 
     name = "ort-genai"
 
-    def __init__(self, model_dir: Path, threads: int | None = None, flush_denormals: bool = True) -> None:
+    def __init__(self, model_dir: Path, threads: int | None = None, flush_denormals: bool = False) -> None:
         import onnxruntime_genai as og
 
         self.og = og
-        # The floating-point mode g2trt's runners run in (deploy/runners/denormals.py), given to the peer
-        # too: genai's config has no session entry for it, but the session's pool threads inherit the mode
-        # of the thread that creates them, and each trial runs flushed on the calling thread.
+        # `flush_denormals`: run genai in the floating-point mode g2trt's runners use
+        # (deploy/runners/denormals.py). genai's config has no session entry for it, but its pool threads
+        # inherit the mode of the thread that creates them, and each trial runs on a flushed thread. Off by
+        # default, as genai ships: flushed, it was no faster (benchmarks/inplace/results_denormals.md).
         self.flush_denormals = flush_denormals
         config = og.Config(str(model_dir))
         if threads:

@@ -1,0 +1,171 @@
+"""Denormals flushed or not (deploy/runners/denormals.py): g2trt's runners and onnxruntime-genai, one run.
+
+    python benchmarks/inplace/bench_denormals.py           # medium model, prompts of 256 and 1024, ~8 min
+    python benchmarks/inplace/bench_denormals.py --quick   # a smoke run
+
+Why g2trt's onnxruntime runners flush denormals to zero, measured: one random Gemma 2 (the issues'
+medium model: 6 layers, hidden 512, 8/4 heads, vocab 32k, window 128) exported with the in-place cache,
+plain and optimized for `ort` (full sliding buffers, the runner's choice at these lengths), each run
+through `OrtInplaceRunner` with `flush_denormals` on and off; onnxruntime-genai's model of the same
+weights made and run on a thread flushing or not (its pool threads inherit the mode). Greedy generation,
+batch 1: prefill of a prompt of each `--prompts` length, then `--decode` one-token steps. Same intra-op threads for all,
+`--cooldown` idle before every trial, trials interleaved round by round with the order rotated; medians
+over rounds (prefill) and over every decode step of every round (decode). Writes
+results_denormals.{json,md} beside this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent / "ort_targets"))
+
+from bench_ort_targets import bench_config, machine, model_args, trial_args  # noqa: E402
+
+from benchmarks.timed_models import InplaceModel  # noqa: E402
+from deploy.bench.genai_peer import first_row  # noqa: E402
+from export.config import Gemma2Config  # noqa: E402
+from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from export.weights import RandomWeights  # noqa: E402
+from graph_passes import optimize  # noqa: E402
+
+MODES = {True: "flushed", False: "not flushed"}
+
+
+def build(cfg: Gemma2Config, threads: int, seed: int, work: Path, genai: bool) -> dict[tuple[str, bool], Any]:
+    source = RandomWeights(cfg, seed=seed)
+    plain = export_onnx(source, work / "plain", ExportOptions(last_logits_only=True, kv_cache="inplace")).model_path
+    ort_graph = Path(optimize(plain, "ort", work / "ort").model_path)
+    models: dict[tuple[str, bool], Any] = {}
+    for flush in MODES:
+        models["ort, in-place", flush] = InplaceModel("ort", ort_graph, cfg, threads, flush_denormals=flush)
+        models["plain, in-place", flush] = InplaceModel("plain", plain, cfg, threads, flush_denormals=flush)
+    if genai:
+        from deploy.bench.genai_peer import GenaiModel, build, write_hf_checkpoint
+
+        model_dir = build(write_hf_checkpoint(source, work / "hf"), work / "genai")
+        for flush in MODES:
+            models["genai", flush] = GenaiModel(model_dir, threads, flush_denormals=flush)
+    return models
+
+
+def measure(
+    models: dict[tuple[str, bool], Any], cfg: Gemma2Config, length: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    prompt = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, size=(1, length), dtype=np.int64)
+    keys = list(models)
+    for m in models.values():  # warm-up: first-run allocations and thread pools
+        m.trial(prompt, 2)
+        time.sleep(args.cooldown)
+    ttft: dict[Any, list[float]] = {k: [] for k in keys}
+    step: dict[Any, list[float]] = {k: [] for k in keys}
+    tokens: dict[Any, list[int]] = {}
+    for r in range(args.rounds):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            time.sleep(args.cooldown)
+            res = models[k].trial(prompt, args.decode + 1)
+            ttft[k].append(res["ttft_s"])
+            step[k].extend(res["step_s"])
+            tokens.setdefault(k, first_row(res["tokens"]))
+    rows = []
+    for name in dict.fromkeys(k[0] for k in keys):
+        row: dict[str, Any] = {"model": name, "greedy_tokens_same": tokens[name, True] == tokens[name, False]}
+        for flush, mode in MODES.items():
+            row[f"prefill_ms_{mode}"] = 1e3 * statistics.median(ttft[name, flush])
+            row[f"decode_ms_{mode}"] = 1e3 * statistics.median(step[name, flush])
+        row["prefill_flushed_vs_not"] = row["prefill_ms_flushed"] / row["prefill_ms_not flushed"]
+        row["decode_flushed_vs_not"] = row["decode_ms_flushed"] / row["decode_ms_not flushed"]
+        rows.append(row)
+    genai = next((r for r in rows if r["model"] == "genai"), None)
+    for row in rows:
+        if genai is not None:
+            for mode in MODES.values():
+                row[f"prefill_vs_genai_{mode}"] = row[f"prefill_ms_{mode}"] / genai[f"prefill_ms_{mode}"]
+                row[f"decode_vs_genai_{mode}"] = row[f"decode_ms_{mode}"] / genai[f"decode_ms_{mode}"]
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, s, c = res["machine"], res["settings"], res["config"]
+    lines = [
+        "# Denormals flushed or not: g2trt's onnxruntime runners and onnxruntime-genai",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Model: random Gemma 2, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads, vocab {c['vocab_size']}, window "
+        f"{c['sliding_window']}; fp32, in-place KV cache, last-logits-only. Batch 1, {s['decode']} decode steps "
+        f"after the prompt, {s['threads']} intra-op threads for every model, {s['rounds']} interleaved rounds "
+        f"(order rotated), {s['cooldown']} s idle before every trial; medians.",
+        f"Machine: {m['cpu']} ({m['cores']} cores), onnxruntime {m['versions'].get('onnxruntime')}, "
+        f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_end'])}.",
+    ]
+    for length, rows in res["results"].items():
+        lines += ["", f"## prompt {length}", "", *_table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | prefill ms (flushed / not) | decode ms/token (flushed / not) | prefill flushed / not | "
+        "decode flushed / not | prefill / genai (flushed, not) | decode / genai (flushed, not) | same greedy tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        vs = ("-", "-")
+        if "prefill_vs_genai_flushed" in r:
+            vs = (
+                f"{r['prefill_vs_genai_flushed']:.2f}, {r['prefill_vs_genai_not flushed']:.2f}",
+                f"{r['decode_vs_genai_flushed']:.2f}, {r['decode_vs_genai_not flushed']:.2f}",
+            )
+        lines.append(
+            f"| {r['model']} | {r['prefill_ms_flushed']:.2f} / {r['prefill_ms_not flushed']:.2f} | "
+            f"{r['decode_ms_flushed']:.3f} / {r['decode_ms_not flushed']:.3f} | {r['prefill_flushed_vs_not']:.3f} | "
+            f"{r['decode_flushed_vs_not']:.3f} | {vs[0]} | {vs[1]} | {'yes' if r['greedy_tokens_same'] else 'no'} |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(ap, window=128)
+    ap.add_argument("--prompts", default="256,1024", help="prompt lengths, comma-separated")
+    ap.add_argument("--decode", type=int, default=16, help="decode steps per round")
+    trial_args(ap, rounds=15, cooldown=1.0, out=HERE)
+    ap.add_argument("--no-genai", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.heads, args.vocab, args.window = 2, 128, 4, 2048, 16
+        args.prompts, args.decode, args.rounds, args.cooldown = "32", 4, 2, 0.1
+    cfg = bench_config(args)
+    with tempfile.TemporaryDirectory(prefix="g2trt-bench-denormals-", dir=args.work) as tmp:
+        models = build(cfg, args.threads, args.seed, Path(tmp), not args.no_genai)
+        results = {n: measure(models, cfg, n, args) for n in (int(x) for x in args.prompts.split(","))}
+    res = {
+        "command": " ".join(["python benchmarks/inplace/bench_denormals.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "settings": {k: getattr(args, k) for k in ("prompts", "decode", "rounds", "threads", "seed", "cooldown")},
+        "config": {k: v for k, v in cfg.__dict__.items() if k != "layer_types"},
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "results_denormals_quick" if args.quick else "results_denormals"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
