@@ -62,6 +62,7 @@ ROTARY = "RotaryEmbedding"
 MS_DOMAIN = "com.microsoft"
 IFS = "lower_attention_ort.ifs"  # memo: the If of each site, filled by finish()
 INNER_IFS = "lower_attention_ort.inner_ifs"  # memo: Ifs inside those (in-place: a first prompt's attention)
+MASK_IFS = "lower_attention_ort.mask_ifs"  # memo: in-place: one If per group of layers, its standard-op masks
 # GroupQueryAttention inputs onnxruntime's CUDA kernel accepts here: query .. total_sequence_length (it
 # rejects attention_bias; cos/sin/position_ids are for do_rotary, which is off)
 CUDA_GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length")
@@ -137,8 +138,9 @@ def _rewrite(g: PassGraph, site: Site, cuda: bool) -> None:
 def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     """The in-place cache: If(one token on a buffer that holds positions unwrapped: GroupQueryAttention, which
     rotates q/k itself and writes the shared buffer; else: RotaryEmbedding, the circular TensorScatter and
-    standard-op attention). Everything only the else branch needs (its rotary, masks, writes) is built per
-    site, so it moves into that branch and a decode step never runs it."""
+    standard-op attention). What only the else branch needs is built per site (its rotary, writes), so it
+    moves into that branch and a GQA step never runs it; its masks are built once per group of layers,
+    behind an If of the same condition (_gated_biases)."""
     node = low.node
     a = INPLACE.parse(node.attrs)
     h, kv, d, window = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"]), int(a["window"])
@@ -175,8 +177,9 @@ def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     full = [g.variable(f"{node.name}/full_{n}", dtype) for n in ("present_key", "present_value")]
     inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node, shared=False)
     inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node, shared=False)
-    out3 = _prompt_attention(g, node, a, q4, k4, v4, full, pos, past_key, dtype)
     cond = _gqa_step(g, pos, past_key, node)
+    biases = _gated_biases(g, cond, pos, past_key, window, node)
+    out3 = _prompt_attention(g, node, a, q4, k4, v4, full, pos, biases, dtype)
     g.memo.setdefault(IFS, []).append(
         branches.make_if(g, cond, gqa, [out3, *full], [result, present_k, present_v], like=node)
     )
@@ -194,7 +197,7 @@ def _prompt_attention(
     v4: gs.Tensor,
     present: list[gs.Variable],
     pos: gs.Tensor,
-    past_key: gs.Tensor,
+    biases: tuple[gs.Tensor, gs.Tensor],
     dtype: np.dtype,
 ) -> gs.Tensor:
     """The standard-op attention of a multi-token step, [B, S, H*Dh]: If(no row continues a sequence:
@@ -207,12 +210,10 @@ def _prompt_attention(
         return g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
 
     fresh_out = g.variable(f"{node.name}/fresh_out4", dtype)
-    bias = inplace_ops.bias(g, "fresh", pos, past_key, window, node, shared=False)
-    inplace_ops.attention(g, q4, [k4], [v4], bias, a, fresh_out, node)
+    inplace_ops.attention(g, q4, [k4], [v4], biases[0], a, fresh_out, node)
     general_out = g.variable(f"{node.name}/general_out4", dtype)
-    bias = inplace_ops.bias(g, "circular", pos, past_key, window, node, shared=False)
     blocks = ([present[0], k4], [present[1], v4]) if window else ([present[0]], [present[1]])
-    inplace_ops.attention(g, q4, blocks[0], blocks[1], bias, a, general_out, node)
+    inplace_ops.attention(g, q4, blocks[0], blocks[1], biases[1], a, general_out, node)
     i64 = np.int64
     first = g.op("Slice", [pos, g.constant("start", [0], i64), g.constant("end", [1], i64),
                            g.constant("axis1", [1], i64)], like=node, dtype=i64)  # fmt: skip
@@ -303,7 +304,9 @@ def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> g
     global buffer; a sliding buffer only when the runtime gave it the full length), as GQA writes them.
     S is read from position_ids, so the condition needs nothing the branches compute. A one-element [1]
     condition (ONNX If takes any single-element tensor): a decode step runs no op it can spare, which is
-    what a small model's step time is made of (one `S == 1` for all layers, one `C > max` per buffer size)."""
+    what a small model's step time is made of (one `S == 1` for all layers, one `C > max` per buffer size).
+    GQA is kept at any length: on the medium model, standard ops for the global layers past 1024 positions
+    decoded at 1.03x GQA's time (1500 and 3000 positions, sessions made alternately, ad hoc)."""
     length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
     key = ("gqa_step", length if isinstance(length, (str, int)) else past.name)
     if key not in g.memo:
@@ -315,6 +318,25 @@ def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> g
         fits = g.op("Greater", [primitives.dim(g, past, 2, like), _top_position(g, pos, like)], like=like,
                     dtype=np.bool_, shape=[1])  # fmt: skip
         g.memo[key] = g.op("And", [g.memo["one_token"], fits], like=like, dtype=np.bool_, shape=[1])
+    return g.memo[key]
+
+
+def _gated_biases(
+    g: PassGraph, gqa: gs.Tensor, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node
+) -> tuple[gs.Tensor, gs.Tensor]:
+    """The standard-op branch's masks (a first prompt's, and the circular buffer's) for every layer of this
+    window and buffer length, built once behind `If(gqa)`: then: placeholders, else: the masks. Per site,
+    a mask would be built once per layer by each step that takes the standard ops (a prompt, a long
+    decode); in the main graph, by every GQA step too; behind this If a GQA step pays one If call."""
+    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
+    key = ("gated_biases", window, length if isinstance(length, (str, int)) else past.name)
+    if key not in g.memo:
+        biases = [inplace_ops.bias(g, form, pos, past, window, like, shared=False) for form in ("fresh", "circular")]
+        none = g.constant("no_bias", np.zeros((1, 1, 1, 1), np.float32))
+        placeholders = [g.op("Identity", [none], like=like, dtype=np.float32) for _ in biases]
+        outs = [g.variable(f"{like.name}/{form}_bias", np.float32) for form in ("fresh", "circular")]
+        g.memo.setdefault(MASK_IFS, []).append(branches.make_if(g, gqa, placeholders, biases, outs, like=like))
+        g.memo[key] = (outs[0], outs[1])
     return g.memo[key]
 
 
@@ -365,6 +387,7 @@ def _multi_token_or_padded(g: PassGraph, packed_q: gs.Tensor, mask: gs.Tensor, l
 
 
 def finish(g: PassGraph) -> None:
+    branches.move_into_branches(g, g.memo.get(MASK_IFS, []))  # each shared by a group of layers' Ifs
     branches.move_into_branches(g, g.memo.get(INNER_IFS, []))  # nested in the outer Ifs' prompt branches
     branches.move_into_branches(g, g.memo.get(IFS, []))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from deploy.engine.build import BuildError, BuildOptions, build_engine
@@ -125,6 +126,25 @@ def test_ort_full_sliding_buffers_up_to_their_max(inplace_graphs, runtime_cfg, p
     capped = OrtInplaceRunner(path, runtime_cfg, full_sliding=True, full_sliding_max=longest - 1)
     got = generate(capped, prompts, GenerationConfig(max_new_tokens=NEW, stop_tokens=()))
     assert got.tokens == reference_tokens
+
+
+def test_ort_masks_are_built_once_per_group_of_layers(inplace_graphs, runtime_cfg) -> None:
+    """The `ort` graph's standard-op masks (a first prompt's, the circular buffer's) are built once per
+    group of layers sharing a window, behind an If of the GQA condition, not once per layer: one `Range`
+    (the slots a circular mask numbers) per group in the whole graph, branches included. The generation
+    and parity tests above run these masks (prompts, and rings that wrap)."""
+    graph = onnx.load(str(inplace_graphs("ort")), load_external_data=False).graph
+
+    def nodes(g: onnx.GraphProto):
+        for n in g.node:
+            yield n
+            for attr in n.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(attr.g)
+
+    groups = len(set(runtime_cfg.windows))  # global and sliding
+    assert sum(n.op_type == "If" for n in graph.node) == runtime_cfg.num_hidden_layers + groups
+    assert sum(n.op_type == "Range" for n in nodes(graph)) == groups
 
 
 def test_ort_target_on_sliding_rings(inplace_graphs, runtime_cfg, prompts, reference_tokens) -> None:
