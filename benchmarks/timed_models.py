@@ -8,9 +8,7 @@ children load one model each and must carry only what that model needs.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,22 +32,12 @@ def cpu_session(model: str | bytes, threads: int) -> Any:
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-@contextlib.contextmanager
-def flushed() -> Iterator[None]:
-    """This thread flushing denormals for a trial, as g2trt's runners do around each run."""
-    from deploy.runners import denormals
-
-    undo = denormals.flush()
-    try:
-        yield
-    finally:
-        denormals.restore(undo)
-
-
 def time_floor_rows(session: Any, x: np.ndarray, prompt: int, new_tokens: int) -> dict[str, Any]:
     """A floor model's trial: its graph on `prompt` rows of `x` (prefill), then on one row per step."""
+    from deploy.runners.denormals import Flushed
+
     steps = []
-    with flushed():
+    with Flushed():  # as g2trt's runners run
         for step in range(new_tokens):
             rows = x[:prompt] if step == 0 else x[step : step + 1]
             start = time.perf_counter()
@@ -68,7 +56,9 @@ class OrtModel:
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         """Greedy generation through IOBinding: the presents stay onnxruntime values and feed the next
         step as they are (as a serving loop keeps them), only the last logits come back to numpy."""
-        with flushed():  # as g2trt's dynamic-contract runner runs
+        from deploy.runners.denormals import Flushed
+
+        with Flushed():  # as g2trt's dynamic-contract runner runs
             return self._trial(input_ids, new_tokens)
 
     def _trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:

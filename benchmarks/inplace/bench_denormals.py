@@ -72,11 +72,10 @@ def softmax_block(heads: int, length: int, threads: int, runs: int = 50) -> dict
     times: dict[bool, list[float]] = {flush: [] for flush in MODES}
     for i in range(runs + 5):
         for flush in MODES:
-            undo = denormals.flush() if flush else False
-            start = time.perf_counter()
-            sessions[flush].run(None, {"x": x})
-            elapsed = time.perf_counter() - start
-            denormals.restore(undo)
+            with denormals.Flushed(flush):
+                start = time.perf_counter()
+                sessions[flush].run(None, {"x": x})
+                elapsed = time.perf_counter() - start
             if i >= 5:
                 times[flush].append(elapsed)
     return {mode: 1e3 * statistics.median(times[flush]) for flush, mode in MODES.items()}

@@ -102,21 +102,15 @@ class GenaiModel:
         config = og.Config(str(model_dir))
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        undo = denormals.flush() if flush_denormals else False
-        try:
+        with denormals.Flushed(flush_denormals):
             self.model = og.Model(config)
-        finally:
-            denormals.restore(undo)
         raw = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
         self.context = int(raw.get("context_length") or 0) or 1 << 30
         self.window = int((raw.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
-        undo = denormals.flush() if self.flush_denormals else False
-        try:
+        with denormals.Flushed(self.flush_denormals):
             return self._trial(input_ids, new_tokens)
-        finally:
-            denormals.restore(undo)
 
     def _trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
         og = self.og

@@ -1,9 +1,9 @@
 """Denormal floats flushed to zero while onnxruntime runs a g2trt graph, on every thread that computes.
 
 Why: a masked attention score (the mask adds the dtype's lowest value) makes softmax's exp underflow to a
-denormal, and x86 cores handle denormal arithmetic in microcode. onnxruntime's CPU Softmax over a
-[1, 8, 256, 256] causal block takes 5x as long as over the same block unmasked (0.72 vs 0.15 ms,
-measured), and the standard-op attention of every prompt and of every ring-buffer decode step pays it.
+denormal, and x86 cores handle denormal arithmetic in microcode. onnxruntime's CPU Softmax over a causal
+[1, 8, 256, 256] block takes 0.28x the time flushed (benchmarks/inplace/results_denormals.md), and the
+standard-op attention of every prompt and of every ring-buffer decode step runs one.
 Flushing changes nothing a Gemma logit can show: the values lost are below 1.2e-38 (fp32's smallest
 normal), weights of keys the mask already removed (tests/deploy/test_denormals.py checks the logits).
 
@@ -12,8 +12,8 @@ Two kinds of thread compute a run, and each needs the mode (FTZ and DAZ in x86's
 - the thread that calls `run`, which onnxruntime puts to work too. onnxruntime sets the mode on the
   thread that creates the session, for good, and not on any other; a runner stepped from another thread
   (a server's) would run half its work unflushed. So the session is created under `kept_mode()`, which
-  undoes that, and each run is bracketed by `flush()` / `restore()`: the runner leaves no thread's
-  floating-point mode changed, its own or the caller's.
+  undoes that, and each run is inside `Flushed()`: the runner leaves no thread's floating-point mode
+  changed, its own or the caller's.
 
 torch (a g2trt dependency, imported only when the mode changes) sets it: `torch.set_flush_denormal`, a
 no-op returning False where the CPU has no such mode.
@@ -68,6 +68,23 @@ def restore(undo: bool) -> None:
     """Undo `flush()` when it changed the mode."""
     if undo:
         _set(False)
+
+
+class Flushed:
+    """`with Flushed():` this thread flushes denormals inside the block and is as it was after it
+    (`Flushed(False)`: nothing changes). A class, not a generator: a decode step enters one."""
+
+    __slots__ = ("on", "undo")
+
+    def __init__(self, on: bool = True) -> None:
+        self.on, self.undo = on, False
+
+    def __enter__(self) -> Flushed:
+        self.undo = flush() if self.on else False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        restore(self.undo)
 
 
 def _set(on: bool) -> bool:

@@ -80,11 +80,8 @@ class OrtRunner(_OrtModel):
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: KVCache
     ) -> tuple[np.ndarray, KVCache]:
         feeds = contract_feeds(input_ids, attention_mask, position_ids, past)
-        undo = denormals.flush() if self.flush_denormals else False
-        try:
+        with denormals.Flushed(self.flush_denormals):
             return split_outputs(self.session.run(None, feeds))
-        finally:
-            denormals.restore(undo)
 
 
 class OrtInplaceRunner(_OrtModel):
@@ -148,11 +145,8 @@ class OrtInplaceRunner(_OrtModel):
                 self._bindings[key] = self._last = binding
         binding.input_ids[...] = input_ids
         binding.position_ids[...] = position_ids
-        undo = denormals.flush() if self.flush_denormals else False
-        try:
+        with denormals.Flushed(self.flush_denormals):
             binding.session.run_with_iobinding(binding.io)
-        finally:
-            denormals.restore(undo)
         return binding.logits
 
     def release(self, cache: InplaceCache) -> None:

@@ -52,11 +52,19 @@ def test_flush_sets_the_mode_for_a_run_and_restore_undoes_only_its_own_change():
     assert session.run(None, {"x": x})[0][0] == 0
     denormals.restore(undo)
     assert not denormals.flushing()
+    with denormals.Flushed():
+        assert session.run(None, {"x": x})[0][0] == 0
+    with denormals.Flushed(False):
+        assert not denormals.flushing()
+    assert not denormals.flushing()
     # a thread already flushing keeps its mode: flush() reports nothing to undo
     torch.set_flush_denormal(True)
     undo = denormals.flush()
     denormals.restore(undo)
     assert not undo and denormals.flushing()
+    with denormals.Flushed():
+        pass
+    assert denormals.flushing()
 
 
 def test_runner_flushes_its_runs_and_leaves_every_thread_as_it_found_it(runtime_inplace_export, runtime_cfg):
