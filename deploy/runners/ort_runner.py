@@ -126,7 +126,7 @@ class OrtInplaceRunner(_OrtModel):
         self.last_logits_only = logits.shape[1] == 1
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
         self._last: _Binding | None = None  # the binding of the latest one-token step
-        self.decode_session = _decode_session(Path(model_path), self.manifest, self.session, decode_graph, options)
+        self.decode_session = _decode_session(Path(model_path), self.manifest, self.session, decode_graph)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
         ring = length if ring is None or sliding_is_full(length, self.full_sliding, self.full_sliding_max) else ring
@@ -189,7 +189,6 @@ def _decode_session(
     manifest: dict[str, Any],
     session: ort.InferenceSession,
     wanted: bool | None,
-    options: dict[str, Any],
 ) -> ort.InferenceSession | None:
     """A session of the graph's one-token form (graph_passes/decode_graph.py), or None where it does not apply."""
     if wanted is False:
@@ -210,14 +209,9 @@ def _decode_session(
     model = onnx.load(str(model_path), load_external_data=False)
     if not decode_graph(model):
         return None
-    so = options.get("session_options") or ort.SessionOptions()
+    # the main session's options: its threads, optimization level and denormal mode
+    so = session.get_session_options()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    if options.get("threads"):
-        so.intra_op_num_threads = options["threads"]
-    if options.get("optimize") is False:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if options.get("flush_denormals", True):
-        denormals.configure(so)
     with denormals.kept_mode():
         return ort.InferenceSession(model.SerializeToString(), so, providers=session.get_providers())
 
