@@ -94,12 +94,18 @@ def write(
     g.node("TensorScatter", [past, rotated, g.op("Max", [p0, zero], like=like, dtype=I64)], [out], like=like, axis=2)
 
 
+def length_key(past: gs.Tensor) -> str | int:
+    """What identifies a cache buffer's length in `PassGraph.memo` keys: its dim (symbolic or static),
+    else its name. Layers whose buffers share one get one mask, one condition."""
+    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
+    return length if isinstance(length, (str, int)) else past.name
+
+
 def bias(
     g: PassGraph, form: Form, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node, shared: bool = True
 ) -> gs.Tensor:
     """Additive fp32 bias [B, 1, S, K] over the keys `attention` reads; one per (form, window, cache length)."""
-    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
-    key = ("inplace.bias", form, window, length if isinstance(length, (str, int)) else past.name)
+    key = ("inplace.bias", form, window, length_key(past))
     if shared and key in g.memo:
         return g.memo[key]
     zero, one = _i64(g, "zero", 0), _i64(g, "one", 1)

@@ -307,8 +307,7 @@ def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> g
     what a small model's step time is made of (one `S == 1` for all layers, one `C > max` per buffer size).
     GQA is kept at any length: on the medium model, standard ops for the global layers past 1024 positions
     decoded at 1.03x GQA's time (1500 and 3000 positions, sessions made alternately, ad hoc)."""
-    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
-    key = ("gqa_step", length if isinstance(length, (str, int)) else past.name)
+    key = ("gqa_step", inplace_ops.length_key(past))
     if key not in g.memo:
         i64 = np.int64
         if "one_token" not in g.memo:
@@ -328,8 +327,7 @@ def _gated_biases(
     window and buffer length, built once behind `If(gqa)`: then: placeholders, else: the masks. Per site,
     a mask would be built once per layer by each step that takes the standard ops (a prompt, a long
     decode); in the main graph, by every GQA step too; behind this If a GQA step pays one If call."""
-    length = past.shape[2] if past.shape is not None and len(past.shape) == 4 else None
-    key = ("gated_biases", window, length if isinstance(length, (str, int)) else past.name)
+    key = ("gated_biases", window, inplace_ops.length_key(past))
     if key not in g.memo:
         biases = [inplace_ops.bias(g, form, pos, past, window, like, shared=False) for form in ("fresh", "circular")]
         none = g.constant("no_bias", np.zeros((1, 1, 1, 1), np.float32))
