@@ -1,5 +1,6 @@
 """The g2trt models the benchmarks time, one loop each contract: greedy generation, batch 1 or more,
-each step timed with its argmax. Shared by bench_ort_targets, bench_inplace and bench_quant.
+each step timed with its argmax; and the interleaved rounds every benchmark runs them in. Shared by
+bench_ort_targets, bench_inplace, bench_denormals and bench_quant.
 
 Module-level imports stay light (numpy, export's contract and config), and onnxruntime and g2trt's runner
 (which pulls in torch through its plugin check) are imported where a model is made: bench_quant's peak-RSS
@@ -8,7 +9,9 @@ children load one model each and must carry only what that model needs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +19,52 @@ import numpy as np
 
 from export import io_contract as io
 from export.config import Gemma2Config
+
+
+@dataclasses.dataclass
+class Trials:
+    """What `interleaved_trials` recorded per model: each trial's time to first token and decode steps, and
+    the greedy tokens (batch row 0) and first logits of its latest trial that gave them."""
+
+    ttft: dict[Any, list[float]]
+    steps: dict[Any, list[list[float]]]
+    tokens: dict[Any, list[int]]
+    first_logits: dict[Any, np.ndarray]
+
+
+def interleaved_trials(
+    models: dict[Hashable, Any],
+    prompt: np.ndarray,
+    new_tokens: int,
+    rounds: int,
+    cooldown: float,
+    idle_after_warmup: bool = True,
+    after_round: Callable[[int], None] | None = None,
+) -> Trials:
+    """Every model's `trial(prompt, new_tokens)` once per round, the order rotated each round (who runs
+    first changes), `cooldown` s idle before each trial so the previous model's thread pool parks before
+    we time; first a 2-token warm-up trial of each (first-run allocations, thread pools, prepacked weights)."""
+    from deploy.bench.genai_peer import first_row
+
+    names = list(models)
+    for m in models.values():
+        m.trial(prompt, 2)
+        if idle_after_warmup:
+            time.sleep(cooldown)
+    out = Trials({n: [] for n in names}, {n: [] for n in names}, {}, {})
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            time.sleep(cooldown)
+            res = models[n].trial(prompt, new_tokens)
+            out.ttft[n].append(res["ttft_s"])
+            out.steps[n].append(res["step_s"])
+            if res["tokens"] is not None:
+                out.tokens[n] = first_row(res["tokens"])
+            if res.get("first_logits") is not None:
+                out.first_logits[n] = res["first_logits"]
+        if after_round is not None:
+            after_round(r)
+    return out
 
 
 def cpu_session(model: str | bytes, threads: int) -> Any:

@@ -36,8 +36,7 @@ sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
 from bench_ort_targets import bench_config, machine, model_args, trial_args  # noqa: E402
 
-from benchmarks.timed_models import InplaceModel  # noqa: E402
-from deploy.bench.genai_peer import first_row  # noqa: E402
+from benchmarks.timed_models import InplaceModel, interleaved_trials  # noqa: E402
 from export.config import Gemma2Config  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
@@ -111,19 +110,13 @@ def measure(
     """Per model and mode: medians over its sessions' trials (prefill) and steps (decode)."""
     prompt = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, size=(1, length), dtype=np.int64)
     keys = list(models)
-    for m in models.values():  # warm-up: first-run allocations and thread pools
-        m.trial(prompt, 2)
-        time.sleep(args.cooldown)
-    ttft: dict[Any, list[float]] = {k[:2]: [] for k in keys}
+    trials = interleaved_trials(models, prompt, args.decode + 1, args.rounds, args.cooldown)
+    ttft: dict[Any, list[float]] = {k[:2]: [] for k in keys}  # a model and mode: its sessions pooled
     step: dict[Any, list[float]] = {k[:2]: [] for k in keys}
-    tokens: dict[Any, list[int]] = {}
-    for r in range(args.rounds):
-        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            time.sleep(args.cooldown)
-            res = models[k].trial(prompt, args.decode + 1)
-            ttft[k[:2]].append(res["ttft_s"])
-            step[k[:2]].extend(res["step_s"])
-            tokens.setdefault(k[:2], first_row(res["tokens"]))
+    tokens = {k[:2]: trials.tokens[k] for k in keys if k[2] == 0}
+    for k in keys:
+        ttft[k[:2]] += trials.ttft[k]
+        step[k[:2]] += [t for trial in trials.steps[k] for t in trial]
     rows = []
     for name in dict.fromkeys(k[0] for k in keys):
         row: dict[str, Any] = {"model": name, "greedy_tokens_same": tokens[name, True] == tokens[name, False]}

@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,7 @@ sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
 from bench_ort_targets import FLOOR_LAST, FloorModel, bench_config, machine, model_args, trial_args  # noqa: E402
 
-from benchmarks.timed_models import InplaceModel, OrtModel  # noqa: E402
-from deploy.bench.genai_peer import first_row  # noqa: E402
+from benchmarks.timed_models import InplaceModel, OrtModel, interleaved_trials  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
@@ -81,28 +79,12 @@ def measure(
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, cfg.vocab_size, size=(1, prompt_len), dtype=np.int64)
-    names = list(models)
-    for m in models.values():  # warm-up: first-run allocations and thread pools
-        m.trial(prompt, 2)
-        time.sleep(cooldown)
-    ttft: dict[str, list[float]] = {n: [] for n in names}
-    step: dict[str, list[float]] = {n: [] for n in names}
-    tokens: dict[str, list[int]] = {}
-    logits: dict[str, np.ndarray] = {}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
-        for n in order:
-            time.sleep(cooldown)  # the previous model's thread pool parks before we time
-            res = models[n].trial(prompt, decode + 1)
-            ttft[n].append(res["ttft_s"])
-            step[n].extend(res["step_s"])
-            if res["tokens"] is not None:
-                tokens[n] = first_row(res["tokens"])
-            if res.get("first_logits") is not None:
-                logits[n] = res["first_logits"]
+    trials = interleaved_trials(models, prompt, decode + 1, rounds, cooldown)
+    ttft, tokens, logits = trials.ttft, trials.tokens, trials.first_logits
+    step = {n: [t for trial in steps for t in trial] for n, steps in trials.steps.items()}
     rows: dict[str, dict[str, Any]] = {}
     ref_name = "plain, dynamic"
-    for n in names:
+    for n in models:
         rows[n] = {
             "prefill_ms": 1e3 * statistics.median(ttft[n]),
             "decode_ms_per_token": 1e3 * statistics.median(step[n]),

@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from benchmarks.timed_models import OrtModel, cpu_session, time_floor_rows  # noqa: E402
-from deploy.bench.genai_peer import first_row  # noqa: E402
+from benchmarks.timed_models import OrtModel, cpu_session, interleaved_trials, time_floor_rows  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from export.weights import RandomWeights  # noqa: E402
@@ -171,27 +169,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models = build_models(args, cfg, Path(tmp))
         rng = np.random.default_rng(args.seed)
         prompt = rng.integers(3, cfg.vocab_size, size=(1, args.prompt), dtype=np.int64)
-        names = list(models)
-        for m in models.values():  # warm-up: first-run allocations and thread pools
-            m.trial(prompt, 2)
-            time.sleep(args.cooldown)
-        ttft: dict[str, list[float]] = {n: [] for n in names}
-        step: dict[str, list[float]] = {n: [] for n in names}
-        tokens: dict[str, list[int]] = {}
-        logits: dict[str, np.ndarray] = {}
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
-            for n in order:
-                time.sleep(args.cooldown)  # the previous model's thread pool stops spinning before we time
-                res = models[n].trial(prompt, args.decode + 1)
-                ttft[n].append(res["ttft_s"])
-                step[n].extend(res["step_s"])
-                if res["tokens"] is not None:
-                    tokens[n] = first_row(res["tokens"])
-                if res.get("first_logits") is not None:
-                    logits[n] = res["first_logits"]
+        trials = interleaved_trials(models, prompt, args.decode + 1, args.rounds, args.cooldown)
+    ttft, tokens, logits = trials.ttft, trials.tokens, trials.first_logits
+    step = {n: [t for trial in steps for t in trial] for n, steps in trials.steps.items()}
     rows = {}
-    for n in names:
+    for n in models:
         rows[n] = {
             "prefill_ms": 1e3 * statistics.median(ttft[n]),
             "decode_ms_per_token": 1e3 * statistics.median(step[n]),

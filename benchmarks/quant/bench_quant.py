@@ -45,8 +45,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from benchmarks.timed_models import cpu_session, time_floor_rows  # noqa: E402
-from deploy.bench.genai_peer import first_row  # noqa: E402
+from benchmarks.timed_models import cpu_session, interleaved_trials, time_floor_rows  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
 
 MODELS = {  # the medium model and a 2B-shaped one (real Gemma 2 2B widths)
@@ -245,22 +244,18 @@ def latency(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]
     for scheme in args.floors:
         models[f"{FLOOR} {scheme}"] = FloorModel(cfg, scheme, args.threads, args.seed)
     prompt = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, size=(1, args.prompt), dtype=np.int64)
-    names = list(models)
-    for m in models.values():  # warm-up: first-run allocations, thread pools, prepacked weights
-        m.trial(prompt, 2)
-    ttft: dict[str, list[float]] = {n: [] for n in names}
-    step: dict[str, list[float]] = {n: [] for n in names}
-    tokens: dict[str, list[int]] = {}
-    for r in range(args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
-        for n in order:
-            time.sleep(args.cooldown)  # the previous model's thread pool stops spinning before we time
-            res = models[n].trial(prompt, args.new)
-            ttft[n].append(res["ttft_s"])
-            step[n].append(statistics.median(res["step_s"]))  # one value per trial: decode steps are correlated
-            if res["tokens"] is not None:
-                tokens[n] = first_row(res["tokens"])
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    trials = interleaved_trials(
+        models,
+        prompt,
+        args.new,
+        args.rounds,
+        args.cooldown,
+        idle_after_warmup=False,
+        after_round=lambda r: print(f"round {r + 1}/{args.rounds} done", flush=True),
+    )
+    ttft, tokens = trials.ttft, trials.tokens
+    # one value per trial: decode steps are correlated
+    step = {n: [statistics.median(trial) for trial in steps] for n, steps in trials.steps.items()}
     return {
         n: {
             "prefill_ms": 1e3 * statistics.median(ttft[n]),
@@ -269,7 +264,7 @@ def latency(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]
             "decode_ms_all": [round(1e3 * t, 4) for t in step[n]],
             "tokens": tokens.get(n),
         }
-        for n in names
+        for n in models
     }
 
 
