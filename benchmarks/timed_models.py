@@ -157,12 +157,13 @@ class InplaceModel:
         full_sliding: bool | None = None,
         decode_graph: bool | None = None,
         flush_denormals: bool = True,
+        prefill_chunk: int | Literal["auto"] | None = "auto",
     ) -> None:
         from deploy.runners.factory import graph_contract
         from deploy.runners.ort_runner import OrtInplaceRunner
         from export.manifest import read_manifest
 
-        self.name, self.cfg = name, cfg
+        self.name, self.cfg, self.prefill_chunk = name, cfg, prefill_chunk
         _, recorded = graph_contract(read_manifest(path))
         full = recorded if full_sliding is None else full_sliding
         # full_sliding=True forces full buffers at any length; None leaves the choice to the manifest
@@ -178,17 +179,20 @@ class InplaceModel:
         )
 
     def trial(self, input_ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
+        """The prompt as `generate` prefills it (`prefill_chunk`: "auto" chunks a long one), then decode."""
+        from deploy.generate.loop import chunk_for, prefill
         from deploy.runners.base import runner_cache_sizes
 
         b, s = input_ids.shape
-        length, ring = runner_cache_sizes(self.runner, s + new_tokens)
+        chunk = chunk_for(self.runner, s, self.prefill_chunk)
+        length, ring = runner_cache_sizes(self.runner, s + new_tokens, chunk or 1)
         cache = self.runner.allocate(b, length, ring)
         pos = np.arange(s, dtype=np.int64)[None].repeat(b, 0)
         ids, steps, tokens, first = input_ids, [], [], None
         step_ids, step_pos = np.zeros((b, 1), np.int64), pos[:, -1:].copy()
         for step in range(new_tokens):
             start = time.perf_counter()
-            logits = self.runner.step(ids, pos, cache)
+            logits = prefill(self.runner, ids, pos, cache, chunk) if step == 0 else self.runner.step(ids, pos, cache)
             nxt = logits[:, -1].argmax(-1)
             steps.append(time.perf_counter() - start)
             if step == 0:

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import click
 
@@ -289,6 +289,14 @@ def build_cmd(
         ui.out.print(ui.table("g2trt build", ["", ""], report.rows()))
 
 
+def _prefill_chunk(value: str) -> int | Literal["auto"] | None:
+    if value in ("auto", "off"):
+        return None if value == "off" else "auto"
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"auto, off or a number of tokens >= 1, got {value!r}")
+    return int(value)
+
+
 @cli.command("generate")
 @click.argument("model", required=False, type=click.Path(path_type=Path, exists=False))
 @click.option("--backend", default="torch", show_default=True, help="torch, ort or trt.")
@@ -314,7 +322,14 @@ def build_cmd(
     "KV cache contract: inplace (fixed buffers written in place; the default for what this command exports) "
     "or dynamic. An ONNX model runs with its own; asking for the other is an error.",
 )
-@click.option("--prefill-chunk", type=click.IntRange(1), help="In-place cache: prefill in chunks of this many tokens.")
+@click.option(
+    "--prefill-chunk",
+    default="auto",
+    show_default=True,
+    callback=lambda _ctx, _param, value: _prefill_chunk(value),
+    help="In-place cache: prefill in chunks of this many tokens; auto: the runner's choice for long prompts "
+    "(onnxruntime: 256-token chunks for prompts over 512); off: the whole prompt in one call.",
+)
 @click.option(
     "--repeat",
     type=click.IntRange(1),
@@ -342,7 +357,7 @@ def generate_cmd(
     tokenizer: Path | None,
     threads: int | None,
     kv_cache: str | None,
-    prefill_chunk: int | None,
+    prefill_chunk: int | Literal["auto"] | None,
     repeat: int,
     preset: str,
     seed: int,

@@ -5,6 +5,7 @@ Two forms, one per runtime's cache-write primitive:
     circular (onnxruntime; what the export itself computes):
         present = TensorScatter(past, new[:, :, S-n:], (last - n + 1) mod C; mode=circular)   n = min(S, C)
         keys    = global: present            sliding: present's pre-step slots, then `new`
+                  (only the slots the step can see while the buffer is unwrapped: `read_slots`)
         mask    = from the position each slot holds: last - ((last - s) mod C), valid if >= 0
 
     linear (TensorRT: its KV-cache update layer is linear only and needs a static cache length, so
@@ -94,6 +95,36 @@ def write(
     g.node("TensorScatter", [past, rotated, g.op("Max", [p0, zero], like=like, dtype=I64)], [out], like=like, axis=2)
 
 
+def read_slots(
+    g: PassGraph, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node
+) -> tuple[gs.Tensor, gs.Tensor]:
+    """[lo, hi) as two [1] tensors: the buffer slots a step that continues a sequence (chunked prefill) reads
+    in the circular form, so it costs the keys it can see rather than the whole buffer. A buffer holds
+    positions unwrapped (slot = position) while max(position) < C: a global one is read up to the last
+    position written, a sliding one over the window before each row's first query, [min first - window + 1,
+    max first); a ring that wrapped is read whole, as before. Slots in the range that a row may not see are
+    masked as ever. Built per use (no memo), so it moves into the If branch that reads it."""
+    zero, one = _i64(g, "zero1", [0]), _i64(g, "one1", [1])
+    c = primitives.dim(g, past, 2, like)
+    top = g.op("ReduceMax", [pos], like=like, dtype=I64, keepdims=0)  # a scalar
+    if not window:
+        return zero, g.op("Min", [c, g.op("Add", [top, one], like=like, dtype=I64)], like=like, dtype=I64, shape=[1])
+    first = _column(g, pos, 0, like, shared=False)  # [B, 1]
+    low = g.op("ReduceMin", [first], like=like, dtype=I64, keepdims=0)
+    high = g.op("ReduceMax", [first], like=like, dtype=I64, keepdims=0)
+    lo = g.op("Max", [zero, g.op("Sub", [low, _i64(g, "window_1", window - 1)], like=like, dtype=I64)], like=like,
+              dtype=I64, shape=[1])  # fmt: skip
+    hi = g.op("Max", [g.op("Add", [lo, one], like=like, dtype=I64), high], like=like, dtype=I64, shape=[1])
+    unwrapped = g.op("Less", [top, c], like=like, dtype=np.bool_, shape=[1])
+    return (g.op("Where", [unwrapped, lo, zero], like=like, dtype=I64, shape=[1]),
+            g.op("Where", [unwrapped, hi, c], like=like, dtype=I64, shape=[1]))  # fmt: skip
+
+
+def slots_of(g: PassGraph, buffer: gs.Tensor, slots: tuple[gs.Tensor, gs.Tensor], like: gs.Node) -> gs.Tensor:
+    """buffer[:, :, lo:hi]."""
+    return g.op("Slice", [buffer, slots[0], slots[1], _i64(g, "axis2", [2])], like=like, dtype=buffer.dtype)
+
+
 def length_key(past: gs.Tensor) -> str | int:
     """What identifies a cache buffer's length in `PassGraph.memo` keys: its dim (symbolic or static),
     else its name. Layers whose buffers share one get one mask, one condition."""
@@ -114,13 +145,15 @@ def bias(
                               _i64(g, "invalid", INVALID)], like=like, dtype=I64)  # fmt: skip
         return _position_mask(g, pos, keys, window, like, key if shared else None)
     c = primitives.dim(g, past, 2, like)
-    slots = g.op("Range", [zero, primitives.scalar_of(g, c, like), one], like=like, dtype=I64)  # [C]
+    bounds = read_slots(g, pos, past, window, like) if form == "circular" else None
+    first, end = (zero, c) if bounds is None else (primitives.scalar_of(g, bounds[0], like), bounds[1])
+    slots = g.op("Range", [first, primitives.scalar_of(g, end, like), one], like=like, dtype=I64)  # what is read
     if form == "linear":
         keys = g.op("Unsqueeze", [slots, _i64(g, "axis0", [0])], like=like, dtype=I64)  # [1, C]: slot = position
     else:
         last = _column(g, pos, -1, like, shared)  # [B, 1]
         back = g.op("Mod", [g.op("Sub", [last, slots], like=like, dtype=I64), c], like=like, dtype=I64, fmod=0)
-        held = g.op("Sub", [last, back], like=like, dtype=I64)  # [B, C]: the position each slot holds
+        held = g.op("Sub", [last, back], like=like, dtype=I64)  # [B, slots]: the position each slot holds
         valid = g.op("GreaterOrEqual", [held, zero], like=like, dtype=np.bool_)
         if window:
             older = g.op("Less", [held, _column(g, pos, 0, like, shared)], like=like, dtype=np.bool_)

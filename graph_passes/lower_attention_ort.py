@@ -202,7 +202,8 @@ def _prompt_attention(
 ) -> gs.Tensor:
     """The standard-op attention of a multi-token step, [B, S, H*Dh]: If(no row continues a sequence:
     this step's own keys alone, S of them, as the dynamic contract computes a first prompt; else: the
-    written buffer (global) or the ring's older entries plus the step's keys (sliding))."""
+    written buffer (global) or the ring's older entries plus the step's keys (sliding), each only the
+    slots the step can see (inplace_ops.read_slots))."""
     h, d, window = int(a["num_heads"]), int(a["head_dim"]), int(a["window"])
 
     def packed(out4: gs.Tensor) -> gs.Tensor:
@@ -212,7 +213,9 @@ def _prompt_attention(
     fresh_out = g.variable(f"{node.name}/fresh_out4", dtype)
     inplace_ops.attention(g, q4, [k4], [v4], biases[0], a, fresh_out, node)
     general_out = g.variable(f"{node.name}/general_out4", dtype)
-    blocks = ([present[0], k4], [present[1], v4]) if window else ([present[0]], [present[1]])
+    slots = inplace_ops.read_slots(g, pos, present[0], window, node)  # as the mask (inplace_ops.bias)
+    read = [inplace_ops.slots_of(g, p, slots, node) for p in present]
+    blocks = ([read[0], k4], [read[1], v4]) if window else ([read[0]], [read[1]])
     inplace_ops.attention(g, q4, blocks[0], blocks[1], biases[1], a, general_out, node)
     i64 = np.int64
     first = g.op("Slice", [pos, g.constant("start", [0], i64), g.constant("end", [1], i64),

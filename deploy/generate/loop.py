@@ -5,7 +5,8 @@ last position's logits, rows that stop early keep decoding pad tokens (their out
 token) until every row stops or `max_new_tokens` is reached. Two KV cache contracts:
 
 - in-place (`InplaceRunner`, the default of `g2trt generate`): the runner allocates the cache once for
-  prompt + new tokens and every step writes it; padding is marked by negative positions. A decode
+  prompt + new tokens and every step writes it; padding is marked by negative positions. A long prompt
+  is prefilled in chunks where the runner asks for it (`prefill_chunk`, `chunk_for`). A decode
   step is: write the new token and its position into two [B, 1] arrays, run, sample. Nothing is
   allocated or copied per token on the loop's side.
 - dynamic (`Runner`): `attention_mask` 0 marks padding and the presents come back each step; between
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -39,7 +41,9 @@ class GenerationConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     stop_tokens: tuple[int, ...] | None = None  # None: the model's eos_token_id; () never stops early
     cache: kv_cache.CachePolicy = "window"  # dynamic contract only
-    prefill_chunk: int | None = None  # in-place contract: prefill in chunks of this many tokens (None: at once)
+    # in-place contract: prefill in chunks of this many tokens; "auto": in the runner's `prefill_chunk` when
+    # the prompt is more than two of them long (`chunk_for`); None: at once
+    prefill_chunk: int | Literal["auto"] | None = "auto"
 
 
 @dataclasses.dataclass
@@ -151,14 +155,11 @@ def generate_inplace(
     batch, new_max = len(prompts), config.max_new_tokens
     stop = np.array(cfg.eos_token_id if config.stop_tokens is None else config.stop_tokens, dtype=np.int64)
     rng = np.random.default_rng(config.sampling.seed)
-    chunk = config.prefill_chunk
-    if chunk is not None and chunk < 1:
-        raise GenerationError(f"--prefill-chunk must be >= 1, got {chunk}")
     ids, _ = pad_left(prompts, cfg.pad_token_id)
     width = ids.shape[1]
     pos = padded_positions([len(p) for p in prompts], width)
-    continuing = chunk if chunk is not None and chunk < width else 1  # a first prompt fits any ring
-    length, ring = runner_cache_sizes(runner, width + new_max, continuing)
+    chunk = chunk_for(runner, width, config.prefill_chunk)
+    length, ring = runner_cache_sizes(runner, width + new_max, chunk or 1)  # a first prompt fits any ring
     cache = runner.allocate(batch, length, ring)
 
     out = np.zeros((batch, new_max), dtype=np.int64)
@@ -167,7 +168,7 @@ def generate_inplace(
     step_pos = pos[:, -1:].copy()
     step_s: list[float] = []
     start = time.perf_counter()
-    logits = _prefill(runner, ids, pos, cache, chunk)
+    logits = prefill(runner, ids, pos, cache, chunk)
     prefill_s = 0.0
     n = 0
     for n in range(1, new_max + 1):
@@ -194,10 +195,23 @@ def generate_inplace(
     return Generation(tokens, finish, prefill_s, step_s, cache.nbytes, cache.nbytes)
 
 
-def _prefill(
+def chunk_for(runner: InplaceRunner, width: int, setting: int | Literal["auto"] | None) -> int | None:
+    """The chunk a prompt `width` tokens wide is prefilled in, None for at once. "auto": the runner's
+    `prefill_chunk` for a prompt of more than two chunks (at two, chunking measured within the spread);
+    a number: that many tokens; None: at once. The cache's ring must then hold `window + chunk - 1` slots."""
+    chunk = runner.prefill_chunk if setting == "auto" else setting
+    if chunk is not None and chunk < 1:
+        raise GenerationError(f"--prefill-chunk must be >= 1, got {chunk}")
+    if chunk is None or chunk >= width or (setting == "auto" and width <= 2 * chunk):
+        return None
+    return chunk
+
+
+def prefill(
     runner: InplaceRunner, ids: np.ndarray, pos: np.ndarray, cache: InplaceCache, chunk: int | None
 ) -> np.ndarray:
-    """The prompt through the runner, whole or in chunks (each continuing the sequence the last one wrote)."""
+    """The prompt through the runner, whole or in chunks (each continuing the sequence the last one wrote);
+    the last chunk's logits."""
     width = ids.shape[1]
     if chunk is None or chunk >= width:
         return runner.step(ids, pos, cache)

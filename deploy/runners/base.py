@@ -68,6 +68,7 @@ class InplaceRunner(Protocol):
     kv_cache: Literal["inplace"]
     full_sliding: bool  # True: sliding layers need `length` slots too (no ring), e.g. TensorRT's linear cache update
     full_sliding_max: int | None  # full sliding buffers only up to this many positions (None: always)
+    prefill_chunk: int | None  # `generate` prefills long prompts in chunks of this many tokens (None: at once)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache: ...
 

@@ -58,6 +58,7 @@ class OnnxReferenceInplaceRunner(OnnxReferenceRunner):
     kv_cache: Literal["inplace"] = "inplace"  # type: ignore[assignment]
     full_sliding = False
     full_sliding_max: int | None = None
+    prefill_chunk: int | None = None
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
         ring = length if ring is None else ring

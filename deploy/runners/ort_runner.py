@@ -38,6 +38,10 @@ from export.errors import G2trtError
 from export.manifest import ManifestError, read_manifest
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Long prompts are prefilled in chunks of this many tokens (`generate` chunks a prompt of more than two):
+# each chunk reads only the keys it can see, where one call computes every query against every key of
+# the prompt, masked (benchmarks/inplace/results_prefill_chunk.md)
+PREFILL_CHUNK = 256
 
 
 class _OrtModel:
@@ -103,6 +107,8 @@ class OrtInplaceRunner(_OrtModel):
     (graph_passes/decode_graph.py: no per-layer `If`) in a second session. None = when the graph is an
     `ort` in-place graph whose weights take at most `DECODE_GRAPH_MAX_BYTES`: the second session holds a
     second copy of them, and only on a model that small is the `If`s' time worth it (docs/kv_cache.md).
+
+    `prefill_chunk`: what `generate` prefills a long prompt in (`PREFILL_CHUNK`; None: at once).
     """
 
     kv_cache: Literal["inplace"] = "inplace"
@@ -115,9 +121,11 @@ class OrtInplaceRunner(_OrtModel):
         full_sliding: bool = False,
         full_sliding_max: int | Literal["manifest"] | None = "manifest",
         decode_graph: bool | None = None,
+        prefill_chunk: int | None = PREFILL_CHUNK,
         **options: Any,
     ) -> None:
         super().__init__(model_path, config, **options)
+        self.prefill_chunk = prefill_chunk
         self.full_sliding = full_sliding
         if full_sliding_max == "manifest":
             full_sliding_max = self.manifest.get("kv_cache_sliding_full_max")

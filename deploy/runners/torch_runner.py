@@ -48,6 +48,7 @@ class TorchInplaceRunner:
     kv_cache: Literal["inplace"] = "inplace"
     full_sliding = False
     full_sliding_max: int | None = None
+    prefill_chunk: int | None = None  # not measured: a long prompt goes at once
 
     def __init__(self, model: Gemma2ForCausalLM, name: str = "torch") -> None:
         self.model = model

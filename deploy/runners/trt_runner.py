@@ -241,6 +241,7 @@ class TrtInplaceRunner(_TrtEngine):
         super().__init__(engine_path, config, name=name)
         self.full_sliding = full_sliding
         self.full_sliding_max: int | None = None  # the engine fixed its cache lengths
+        self.prefill_chunk: int | None = None  # not measured (no GPU here): a long prompt goes at once
         self.capture_decode = capture_decode
         self.length, self.ring = self._static_lengths(str(engine_path))
         self._bindings: dict[tuple[int, int, int], _DeviceStep] = {}

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from deploy.generate import kv_cache
+from deploy.generate.loop import chunk_for, prefill
 from deploy.runners.base import InplaceRunner, KVCache, Runner, runner_cache_sizes
 
 
@@ -83,14 +84,15 @@ class InPlaceSlots:
     cache: rows are contiguous, batch-major); a decode step runs rows [0, highest active] as one batch,
     each row at its own position. Idle rows inside that range step a pad token at position 0, which
     writes only their slot 0, and the next prefill of that row overwrites it before anything reads it
-    (the scheduler hands out the lowest free slot, so the range stays tight).
+    (the scheduler hands out the lowest free slot, so the range stays tight). A long prompt is prefilled
+    in chunks as `generate` does (`chunk_for`), so the rings hold the runner's chunk too.
     """
 
     def __init__(self, runner: InplaceRunner, slots: int, max_len: int) -> None:
         self.runner = runner
         self.slots = slots
         self.max_len = max_len
-        length, ring = runner_cache_sizes(runner, max_len)
+        length, ring = runner_cache_sizes(runner, max_len, runner.prefill_chunk or 1)
         self.cache = runner.allocate(slots, length, ring)
         self._next = np.zeros(slots, dtype=np.int64)  # each slot's next position
         self._ids = np.full((slots, 1), runner.config.pad_token_id, dtype=np.int64)
@@ -99,7 +101,8 @@ class InPlaceSlots:
     def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
         ids = np.asarray([prompt], dtype=np.int64)
         pos = np.arange(ids.shape[1], dtype=np.int64)[None]
-        logits = self.runner.step(ids, pos, self.cache.rows(slot, slot + 1))
+        chunk = chunk_for(self.runner, ids.shape[1], "auto")
+        logits = prefill(self.runner, ids, pos, self.cache.rows(slot, slot + 1), chunk)
         self._next[slot] = ids.shape[1]
         return np.array(logits[0, -1], dtype=np.float32)
 

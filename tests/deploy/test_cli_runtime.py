@@ -162,6 +162,21 @@ def test_generate_defaults_to_the_inplace_cache_and_repeats(runtime_inplace_expo
     assert len(b["runs"]) == 1
 
 
+def test_prefill_chunk_option(runtime_inplace_export):
+    """--prefill-chunk auto (the default) | off | K: the same tokens; anything else is a usage error."""
+    ids = ("--backend", "ort", "--ids", "5 6 7 8 9 10 11", "--max-new-tokens", "6", "--no-stop", "--json")
+    outs = [
+        run("generate", runtime_inplace_export.model_path, *ids, *chunk)
+        for chunk in ((), ("--prefill-chunk", "off"), ("--prefill-chunk", "3"))
+    ]
+    for result in outs:
+        assert result.exit_code == 0, result.output
+    assert len({json.dumps(json.loads(r.stdout)["outputs"]) for r in outs}) == 1
+    for bad in ("0", "x", "-2"):
+        result = run("generate", runtime_inplace_export.model_path, *ids, "--prefill-chunk", bad)
+        assert result.exit_code == 2 and "auto, off or a number of tokens >= 1" in result.output, result.output
+
+
 def test_contract_mismatch_and_a_cache_that_cannot_hold_the_generation(runtime_inplace_export, runtime_export):
     ids = ("--backend", "ort", "--ids", "5 6")
     one_line_error(

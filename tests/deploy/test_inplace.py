@@ -10,6 +10,7 @@ built with TensorRT-RTX; a decode step copies no cache and memory stays flat.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -17,9 +18,9 @@ import pytest
 
 from deploy.engine.build import BuildError, BuildOptions, build_engine
 from deploy.engine.profiles import ProfileError
-from deploy.generate.loop import GenerationConfig, GenerationError, generate
+from deploy.generate.loop import GenerationConfig, GenerationError, chunk_for, generate, pad_left, prefill
 from deploy.runners import ort_runner
-from deploy.runners.base import cache_sizes
+from deploy.runners.base import cache_sizes, padded_positions, runner_cache_sizes
 from deploy.runners.factory import graph_contract
 from deploy.runners.ort_runner import OrtInplaceRunner
 from deploy.runners.torch_runner import TorchInplaceRunner, TorchRunner
@@ -87,6 +88,52 @@ def test_torch_inplace_and_chunked_prefill(model, prompts, reference_tokens) -> 
     for chunk in (None, 4):
         config = GenerationConfig(max_new_tokens=NEW, stop_tokens=(), prefill_chunk=chunk)
         assert generate(TorchInplaceRunner(model), prompts, config).tokens == reference_tokens
+
+
+@pytest.mark.parametrize("target", [*TARGETS, "ort-rings"])
+def test_chunked_prefill_gives_the_same_tokens(target, inplace_graphs, runtime_cfg, prompts, reference_tokens) -> None:
+    """Prefill in chunks of 4 and 7 tokens, each continuing what the last wrote: the padded rows start
+    mid-chunk, the sliding layers read the window before each chunk (full buffers: a band of slots; rings:
+    every slot, wrapped), the global ones the positions written so far (inplace_ops.read_slots)."""
+    if target == "ort-rings":  # sliding rings from the first token: chunks continue wrapped buffers
+        runner = OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, full_sliding=True, full_sliding_max=1)
+    else:
+        runner = _runner(inplace_graphs(target), runtime_cfg)
+    runner.prefill_chunk = 4  # what "auto" (the default) then chunks a 25-token prompt in
+    widths: list[int] = []
+    step = runner.step
+
+    def counted(ids, pos, cache):
+        widths.append(ids.shape[1])
+        return step(ids, pos, cache)
+
+    runner.step = counted  # type: ignore[method-assign]
+    for chunk, steps in (("auto", [4] * 6 + [1, 1]), (7, [7, 7, 7, 4, 1])):
+        widths.clear()
+        config = GenerationConfig(max_new_tokens=NEW, stop_tokens=(), prefill_chunk=chunk)
+        assert generate(runner, prompts, config).tokens == reference_tokens, chunk
+        assert widths[: len(steps)] == steps
+    # the last chunk's logits against the whole prompt's in one call
+    ids, _ = pad_left(prompts, runtime_cfg.pad_token_id)
+    width = ids.shape[1]
+    pos = padded_positions([len(p) for p in prompts], width)
+    whole = runner.step(ids, pos, runner.allocate(3, *runner_cache_sizes(runner, width + 1))).copy()
+    cache = runner.allocate(3, *runner_cache_sizes(runner, width + 1, chunk=4))
+    last = prefill(runner, ids, pos, cache, 4)
+    real = pos[:, -1] >= 0
+    assert np.abs(last[real, -1] - whole[real, -1]).max() <= 1e-4
+
+
+def test_prefill_chunk_settings() -> None:
+    """ "auto" (the default) takes the runner's chunk for a prompt of more than two chunks; onnxruntime's
+    runners chunk, the others go at once; a number is a chunk for any longer prompt."""
+    ort_like, torch_like = SimpleNamespace(prefill_chunk=256), SimpleNamespace(prefill_chunk=None)
+    assert GenerationConfig().prefill_chunk == "auto" and ort_runner.PREFILL_CHUNK == 256
+    assert chunk_for(ort_like, 512, "auto") is None and chunk_for(ort_like, 513, "auto") == 256
+    assert chunk_for(torch_like, 4096, "auto") is None and chunk_for(ort_like, 4096, None) is None
+    assert chunk_for(torch_like, 9, 8) == 8 and chunk_for(torch_like, 8, 8) is None
+    with pytest.raises(GenerationError, match="--prefill-chunk must be >= 1"):
+        chunk_for(ort_like, 9, 0)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -235,7 +235,12 @@ def test_in_flight_batching_gives_generates_tokens(
     if target != "plain":
         path = optimize(path, target, tmp_path / target).model_path
     _, full = graph_contract(read_manifest(path))
-    model = InPlaceSlots(OrtInplaceRunner(path, runtime_cfg, threads=1, full_sliding=full), slots=2, max_len=128)
+    # chunks of 4 (`generate`'s rule: prompts over 8 tokens): a prefill continues its slot's row chunk by chunk
+    runner = OrtInplaceRunner(path, runtime_cfg, threads=1, full_sliding=full, prefill_chunk=4)
+    model = InPlaceSlots(runner, slots=2, max_len=128)
+    widths: list[int] = []
+    step = runner.step
+    runner.step = lambda ids, pos, cache: (widths.append(ids.shape[1]), step(ids, pos, cache))[1]  # type: ignore[method-assign]
     steps: list[int] = []
     decode = model.decode
     model.decode = lambda slots, tokens: (steps.append(len(slots)), decode(slots, tokens))[1]  # type: ignore[method-assign]
@@ -244,6 +249,7 @@ def test_in_flight_batching_gives_generates_tokens(
     run_all(scheduler, jobs, timeout=120)
     assert [s.tokens for _, s in jobs] == expected * 2
     assert max(steps) == 2  # decode ran both active slots as one step
+    assert {5, 4, 3} <= set(widths) and not {23, 11} & set(widths)  # 5 at once; 23, 11 in chunks of 4
     assert scheduler.stats().busy == 0  # no slot leaked
     scheduler.stop()
 
