@@ -20,7 +20,6 @@ order flushed, not, not, flushed, flushed, not (a session's speed here depends o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import bench_config, machine, model_args, trial_args  # noqa: E402
+from bench_ort_targets import bench_config, machine, model_args, trial_args, write_results  # noqa: E402
 
 from benchmarks.timed_models import InplaceModel, interleaved_trials  # noqa: E402
 from export.config import Gemma2Config  # noqa: E402
@@ -213,11 +212,7 @@ def main() -> None:
         "softmax": softmax,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "results_denormals_quick" if args.quick else "results_denormals"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args, "results_denormals", res, markdown(res))
 
 
 if __name__ == "__main__":

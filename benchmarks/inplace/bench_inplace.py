@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import FLOOR_LAST, FloorModel, bench_config, machine, model_args, trial_args  # noqa: E402
+from bench_ort_targets import (  # noqa: E402
+    FLOOR_LAST,
+    FloorModel,
+    bench_config,
+    machine,
+    model_args,
+    trial_args,
+    write_results,
+)
 
 from benchmarks.timed_models import InplaceModel, OrtModel, interleaved_trials  # noqa: E402
 from export.config import Gemma2Config, preset  # noqa: E402
@@ -181,11 +188,7 @@ def main() -> None:
         args.layers, args.hidden, args.heads, args.vocab, args.window = 2, 128, 4, 2048, 16
         args.prompt, args.decode, args.rounds, args.cooldown = 32, 4, 2, 0.1
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "results_quick" if args.quick else "results"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args, "results", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ step (decode). Writes results_prefill_chunk.{json,md} beside this script.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import bench_config, machine, model_args, trial_args  # noqa: E402
+from bench_ort_targets import bench_config, machine, model_args, trial_args, write_results  # noqa: E402
 
 from benchmarks.timed_models import InplaceModel, interleaved_trials  # noqa: E402
 from deploy.runners.ort_runner import PREFILL_CHUNK  # noqa: E402
@@ -155,11 +154,7 @@ def main() -> None:
         "config": {k: v for k, v in cfg.__dict__.items() if k != "layer_types"},
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "results_prefill_chunk_quick" if args.quick else "results_prefill_chunk"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args, "results_prefill_chunk", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -253,6 +253,19 @@ def model_args(ap: argparse.ArgumentParser, window: int) -> None:
     ap.add_argument("--window", type=int, default=window, help="sliding window")
 
 
+def write_results(args: argparse.Namespace, stem: str, res: dict[str, Any], text: str) -> Path:
+    """`stem`.json and `stem`.md (`stem`_quick.* for --quick) into --out, each written under a temporary
+    name and renamed; prints the markdown. Returns the path the files share, without suffix."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / (f"{stem}_quick" if args.quick else stem)
+    for suffix, content in ((".json", json.dumps(res, indent=2, default=str) + "\n"), (".md", text)):
+        tmp = base.with_name(base.name + suffix + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(base.with_name(base.name + suffix))
+    print(text)
+    return base
+
+
 def trial_args(ap: argparse.ArgumentParser, rounds: int, cooldown: float, out: Path) -> None:
     """How the interleaved trials run and where results go: the options every such benchmark takes."""
     ap.add_argument("--rounds", type=int, default=rounds)
@@ -276,11 +289,7 @@ def main() -> None:
         args.layers, args.hidden, args.heads, args.vocab = 2, 128, 4, 2048
         args.prompt, args.decode, args.rounds = 32, 4, 2
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "results_quick" if args.quick else "results"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(args, "results", res, markdown(res))
 
 
 if __name__ == "__main__":

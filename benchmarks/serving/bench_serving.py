@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import bench_config, model_args  # noqa: E402
+from bench_ort_targets import bench_config, model_args, write_results  # noqa: E402
 
 from deploy.bench.report import machine_info  # noqa: E402
 from deploy.generate.tokenizer import write_id_tokenizer  # noqa: E402
@@ -228,12 +228,8 @@ def main() -> None:
         args.layers, args.hidden, args.heads, args.vocab, args.window = 2, 64, 4, 1024, 16
         args.concurrency, args.requests, args.slots = [1, 4], 2, 4
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "results_quick" if args.quick else "results"
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(res))
-    plot(res, args.out / f"{stem}.png")
-    print(markdown(res))
+    base = write_results(args, "results", res, markdown(res))
+    plot(res, base.with_suffix(".png"))
 
 
 if __name__ == "__main__":
