@@ -1,15 +1,18 @@
 """The serving loop: a thread that owns the cache slots, admits queued requests and streams their tokens.
 
-    submit() ─> queue ─> [admit: free slot? prefill it, first token] ─> active ─> [decode step: every
-                                                                        ▲        active slot, next token]
-                                                                        └────────┘ until stop token,
-                                                max_tokens, cancellation or an error frees the slot
+    submit() ─> queue ─> [admit: free slot?] ─> [prefill: the prompt, or its next chunk] ─> first token
+                                                    ▲ a long prompt: one chunk per iteration ┘   │
+                                                                                                 ▼
+                           [decode step: every decoding slot, next token] ◄─ every iteration ────┘
+                           until stop token, max_tokens, cancellation or an error frees the slot
 
 One thread does all model work, so the model needs no locks; `submit` (Triton's execute thread) only
-appends to the queue. Each iteration admits as many queued requests as there are free slots (each
-one's prefill runs on its slot alone and yields its first token), then runs one decode step over all
-active slots (`SlotModel.decode`): a request that arrives while others decode joins them at the next
-step, and a finished one leaves at once. Per request: its own sampler seed, stop ids and token budget,
+appends to the queue. Each iteration admits as many queued requests as there are free slots, runs one
+prefill call for each request still prefilling (its whole prompt, or, where the model prefills in
+chunks, its next chunk; the last yields its first token), then one decode step over all decoding slots
+(`SlotModel.decode`): a request that arrives while others decode joins them once its prompt is in, a
+long prompt holds the others up one chunk at a time rather than for its whole prefill, and a finished
+request leaves at once. Per request: its own sampler seed, stop ids and token budget,
 so a request's tokens do not depend on what else is running (greedy: identical to `g2trt generate`).
 
 Where results go is a `Sink` per request (the Triton response sender in production, a list in tests):
@@ -66,6 +69,7 @@ class Stats:
     failed: int = 0
     rejected: int = 0  # refused at submit (queue full, shutting down)
     steps: int = 0  # decode steps run
+    prefill_calls: int = 0  # prefill calls run (a prompt prefilled in chunks takes one per chunk)
     peak_busy: int = 0
 
 
@@ -151,6 +155,8 @@ class Scheduler:
                 self._stats.queued = len(self._queue)
             for job in admit:
                 self._admit(job)
+            for job in [j for j in self._active.values() if not j.tokens]:
+                self._prefill(job)
             if self._active:
                 self._decode()
 
@@ -165,19 +171,29 @@ class Scheduler:
             self._stats.busy = len(self._active)
             self._stats.peak_busy = max(self._stats.peak_busy, self._stats.busy)
         self._changed()
+
+    def _prefill(self, job: Job) -> None:
+        """One prefill call: the prompt, or its next chunk; its first token once the prompt is in."""
+        if job.sink.cancelled():
+            self._end(job, "cancelled")
+            return
+        assert job.slot is not None
         try:
             logits = self.model.prefill(job.slot, job.request.prompt)
         except Exception as e:  # a model error fails this request, not the server
             self._end(job, "failed", f"prefill failed: {_one_line(e)}")
             return
-        self._advance(job, logits)
+        with self._cond:
+            self._stats.prefill_calls += 1
+        if logits is not None:
+            self._advance(job, logits)
 
     def _decode(self) -> None:
         jobs = []
         for job in list(self._active.values()):
             if job.sink.cancelled():
                 self._end(job, "cancelled")
-            else:
+            elif job.tokens:  # the others are still prefilling
                 jobs.append(job)
         if not jobs:
             return

@@ -1,8 +1,9 @@
 """The model math under the serving scheduler: a KV cache of `slots` rows that requests take turns on.
 
-The scheduler (`deploy.serve.scheduler`) only ever calls the three methods of `SlotModel`: a new
-request's prefill on its own slot, one decode step over every active slot, and a slot's release. What
-sits behind them is the runtime:
+The scheduler (`deploy.serve.scheduler`) only ever calls the three methods of `SlotModel`: a request's
+prefill on its own slot (the whole prompt, or its next chunk, so the scheduler can run decode steps of
+the other requests between a long prompt's chunks), one decode step over every decoding slot, and a
+slot's release. What sits behind them is the runtime:
 
 - `RunnerSlots` (today): any dynamic-contract runner (`deploy.runners`: onnxruntime, TensorRT, torch)
   with its own cache per slot (the windowed policy of `g2trt generate`); a decode step runs the active
@@ -20,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from deploy.generate import kv_cache
-from deploy.generate.loop import chunk_for, prefill
+from deploy.generate.loop import chunk_for
 from deploy.runners.base import InplaceRunner, KVCache, Runner, runner_cache_sizes
 
 
@@ -28,12 +29,13 @@ class SlotModel(Protocol):
     slots: int  # rows of the cache: requests generating at once
     max_len: int  # positions per row: prompt + new tokens of one request
 
-    def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
-        """Run `prompt` into `slot` (free until now); logits [V] after its last token."""
+    def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray | None:
+        """Run the next part of `prompt` into `slot` (free until the first call): all of it, or its next chunk.
+        Logits [V] after the prompt's last token once all of it is in; None while some is left (call again)."""
         ...
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """Feed each slot its next token; logits [len(slots), V]."""
+        """Feed each slot its next token (slots whose prompt is all in); logits [len(slots), V]."""
         ...
 
     def release(self, slot: int) -> None:
@@ -81,11 +83,13 @@ class InPlaceSlots:
     """`SlotModel` over an in-place runner: in-flight batching.
 
     One cache of `slots` rows is allocated once. A prefill runs on its slot's row alone (a view of the
-    cache: rows are contiguous, batch-major); a decode step runs rows [0, highest active] as one batch,
-    each row at its own position. Idle rows inside that range step a pad token at position 0, which
-    writes only their slot 0, and the next prefill of that row overwrites it before anything reads it
-    (the scheduler hands out the lowest free slot, so the range stays tight). A long prompt is prefilled
-    in chunks as `generate` does (`chunk_for`), so the rings hold the runner's chunk too.
+    cache: rows are contiguous, batch-major); a long prompt goes one chunk per call, in the chunks
+    `generate` takes (`chunk_for`), so the rings hold the runner's chunk too. A decode step runs rows
+    [0, highest decoding] as one batch, each row at its own position. The other rows in that range (idle,
+    or between two chunks of their prompt) step a pad token at the next position their prefill will write:
+    its slot is written again by that prefill before any query reads it, and on a ring the slot's old
+    entry is already out of the next chunk's window (the ring holds window + chunk - 1). The scheduler
+    hands out the lowest free slot, so the range stays tight.
     """
 
     def __init__(self, runner: InplaceRunner, slots: int, max_len: int) -> None:
@@ -98,22 +102,22 @@ class InPlaceSlots:
         self._ids = np.full((slots, 1), runner.config.pad_token_id, dtype=np.int64)
         self._pos = np.zeros((slots, 1), dtype=np.int64)
 
-    def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray:
-        ids = np.asarray([prompt], dtype=np.int64)
-        pos = np.arange(ids.shape[1], dtype=np.int64)[None]
-        chunk = chunk_for(self.runner, ids.shape[1], "auto")
-        logits = prefill(self.runner, ids, pos, self.cache.rows(slot, slot + 1), chunk)
-        self._next[slot] = ids.shape[1]
-        return np.array(logits[0, -1], dtype=np.float32)
+    def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray | None:
+        start, width = int(self._next[slot]), len(prompt)
+        end = min(width, start + (chunk_for(self.runner, width, "auto") or width))
+        ids = np.asarray([prompt[start:end]], dtype=np.int64)
+        pos = np.arange(start, end, dtype=np.int64)[None]
+        logits = self.runner.step(ids, pos, self.cache.rows(slot, slot + 1))
+        self._next[slot] = end
+        return np.array(logits[0, -1], dtype=np.float32) if end == width else None
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         rows = np.asarray(slots, dtype=np.int64)
         top = int(rows.max()) + 1
         ids, pos = self._ids[:top], self._pos[:top]
         ids[:, 0] = self.runner.config.pad_token_id
-        pos[:, 0] = 0
+        pos[:, 0] = self._next[:top]  # other rows: the next position their prefill writes (see the class)
         ids[rows, 0] = tokens
-        pos[rows, 0] = self._next[rows]
         logits = self.runner.step(ids, pos, self.cache.rows(0, top))
         self._next[rows] += 1
         return np.array(logits[rows, -1], dtype=np.float32)

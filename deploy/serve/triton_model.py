@@ -160,7 +160,8 @@ class GenerateModel:
 def stats_line(s: Stats) -> str:
     return (
         f"slots busy {s.busy}/{s.slots} (peak {s.peak_busy}), queued {s.queued}, admitted {s.admitted}, "
-        f"finished {s.finished}, cancelled {s.cancelled}, failed {s.failed}, rejected {s.rejected}, steps {s.steps}"
+        f"finished {s.finished}, cancelled {s.cancelled}, failed {s.failed}, rejected {s.rejected}, steps {s.steps}, "
+        f"prefill calls {s.prefill_calls}"
     )
 
 

@@ -225,7 +225,8 @@ def test_runner_slots_give_generates_tokens(ort_runner, prompts, expected):
 def test_in_flight_batching_gives_generates_tokens(
     target, runtime_inplace_export, runtime_cfg, prompts, expected, tmp_path
 ):
-    """The in-place runtime: requests join the running batch, each at its own position, slots are reused."""
+    """The in-place runtime: requests join the running batch, each at its own position, slots are reused;
+    a long prompt goes in chunks with decode steps of the other requests between them."""
     from deploy.runners.factory import graph_contract
     from deploy.runners.ort_runner import OrtInplaceRunner
     from export.manifest import read_manifest
@@ -235,22 +236,42 @@ def test_in_flight_batching_gives_generates_tokens(
     if target != "plain":
         path = optimize(path, target, tmp_path / target).model_path
     _, full = graph_contract(read_manifest(path))
-    # chunks of 4 (`generate`'s rule: prompts over 8 tokens): a prefill continues its slot's row chunk by chunk
+    # chunks of 4 (`generate`'s rule: prompts over 8 tokens): 5 tokens at once, 23 and 11 in chunks
     runner = OrtInplaceRunner(path, runtime_cfg, threads=1, full_sliding=full, prefill_chunk=4)
     model = InPlaceSlots(runner, slots=2, max_len=128)
-    widths: list[int] = []
-    step = runner.step
-    runner.step = lambda ids, pos, cache: (widths.append(ids.shape[1]), step(ids, pos, cache))[1]  # type: ignore[method-assign]
-    steps: list[int] = []
-    decode = model.decode
-    model.decode = lambda slots, tokens: (steps.append(len(slots)), decode(slots, tokens))[1]  # type: ignore[method-assign]
+    calls: list[tuple] = []  # ("prefill", slot, prompt length) / ("decode", slots)
+    prefill, decode = model.prefill, model.decode
+
+    def logged_prefill(slot, prompt):
+        calls.append(("prefill", slot, len(prompt)))
+        return prefill(slot, prompt)
+
+    def logged_decode(slots, tokens):
+        calls.append(("decode", tuple(slots)))
+        return decode(slots, tokens)
+
+    model.prefill, model.decode = logged_prefill, logged_decode  # type: ignore[method-assign]
     scheduler = Scheduler(model).start()
     jobs = [(request(p, 24), ListSink()) for p in [*prompts, *prompts]]  # 6 requests through 2 slots
     run_all(scheduler, jobs, timeout=120)
     assert [s.tokens for _, s in jobs] == expected * 2
-    assert max(steps) == 2  # decode ran both active slots as one step
-    assert {5, 4, 3} <= set(widths) and not {23, 11} & set(widths)  # 5 at once; 23, 11 in chunks of 4
-    assert scheduler.stats().busy == 0  # no slot leaked
+    assert max(len(c[1]) for c in calls if c[0] == "decode") == 2  # both decoding slots in one step
+    # replay: chunks left per slot; a decode step while a slot below its top row is between two chunks
+    # steps that row with a pad at its next position, which the next chunk overwrites (the tokens above)
+    left: dict[int, int] = {}
+    between_chunks = []
+    for call in calls:
+        if call[0] == "prefill":
+            _, slot, n = call
+            chunks = (n + 3) // 4 if n > 8 else 1
+            left[slot] = (left.get(slot) or chunks) - 1  # a slot at 0 (or new) starts a prompt
+        else:
+            between_chunks += [s for s, k in left.items() if k and s < max(call[1])]
+            assert not any(left.get(s) for s in call[1])  # only slots whose prompt is all in decode
+    assert between_chunks  # a long prompt's chunks had decode steps between them, its row stepped too
+    assert sum(c[0] == "prefill" and c[2] == 23 for c in calls) == 2 * 6  # six chunks each
+    stats = scheduler.stats()
+    assert stats.busy == 0 and stats.prefill_calls == 2 * (1 + 6 + 3)  # no slot leaked; one call per chunk
     scheduler.stop()
 
 
