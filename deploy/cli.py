@@ -482,6 +482,14 @@ def bench_cmd(
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: beside MODEL).")
 @click.option("--slots", type=int, default=8, show_default=True, help="Requests the generation model runs at once.")
 @click.option("--max-len", type=int, default=0, help="Positions per slot (prompt + new tokens; default: the model's).")
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Generation model: at most this many prompt tokens between two decode steps (longer prompts in "
+    "chunks of it); 0: generate's chunks (onnxruntime: 256 for prompts over 512).",
+)
 @_one_line_errors
 def package_cmd(
     model: Path,
@@ -497,6 +505,7 @@ def package_cmd(
     tokenizer: Path | None,
     slots: int,
     max_len: int,
+    prefill_chunk: int,
 ) -> None:
     """Write a Triton Inference Server repository for MODEL (an ONNX model or a TensorRT engine)."""
     from deploy.serve.generate_model import package_repository, print_generate_result
@@ -509,7 +518,7 @@ def package_cmd(
         name=name,
         generate=not no_generate,
         tokenizer=tokenizer,
-        params=ServingParams(slots=slots, max_len=max_len),
+        params=ServingParams(slots=slots, max_len=max_len, prefill_chunk=prefill_chunk),
         max_batch_size=max_batch_size,
         instances=instances,
         kind=kind,

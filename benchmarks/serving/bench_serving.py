@@ -46,16 +46,22 @@ from export.weights import RandomWeights  # noqa: E402
 from graph_passes import optimize  # noqa: E402
 
 MODEL = "gemma2_generate"
+SETTINGS = ("slots", "max_len", "threads", "requests", "seed", "cooldown", "prefill_chunk")
 
 
-def build_repository(cfg: Gemma2Config, work: Path, args: argparse.Namespace) -> Path:
+def build_graph(cfg: Gemma2Config, work: Path, args: argparse.Namespace) -> Path:
+    """The in-place `ort` graph's folder, with a tokenizer of ids."""
     source = RandomWeights(cfg, seed=args.seed)
     exported = export_onnx(source, work / "onnx", ExportOptions(last_logits_only=True, kv_cache="inplace"))
     target = Path(optimize(exported.model_path, "ort", work / "ort").model_path)
     write_id_tokenizer(cfg, target.parent)
-    params = ServingParams(slots=args.slots, max_len=args.max_len, threads=args.threads)
-    package_repository(target.parent, work / "repo", params=params)
-    return work / "repo"
+    return target.parent
+
+
+def build_repository(graph: Path, out: Path, args: argparse.Namespace, prefill_chunk: int) -> Path:
+    params = ServingParams(slots=args.slots, max_len=args.max_len, threads=args.threads, prefill_chunk=prefill_chunk)
+    package_repository(graph, out, params=params)
+    return out
 
 
 def requests_for(cfg: Gemma2Config, n: int, seed: int) -> list[dict[str, Any]]:
@@ -126,25 +132,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if reason:
         raise SystemExit(f"the serve extra is needed: {reason}")
     cfg = bench_config(args)
+    rows = []
+    stats: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="g2trt-bench-serving-", dir=args.work) as tmp:
-        repo = build_repository(cfg, Path(tmp), args)
-        rows = []
-        with TritonServer(repo, ServerOptions(http_port=0, grpc_port=0, metrics_port=0, ready_timeout=300)) as server:
-            url = server.url
-            warm = requests_for(cfg, 2, args.seed + 99)
-            for body in warm:  # warm-up: first-run allocations in the server
-                one_request(url, body)
-            for c in args.concurrency:
-                total = c * args.requests
-                pool = requests_for(cfg, total, args.seed)
-                bodies = [pool[i::c] for i in range(c)]
-                time.sleep(args.cooldown)
-                rows.append(level(url, c, bodies))
-                print(json.dumps(rows[-1]), flush=True)
-            stats = client.metrics(server.metrics_url)
-    one = rows[0]["tokens_per_s"]
+        graph = build_graph(cfg, Path(tmp), args)
+        for i, chunk in enumerate(args.prefill_chunk):  # one server per setting, in the order given
+            repo = build_repository(graph, Path(tmp) / f"repo{i}", args, chunk)
+            options = ServerOptions(http_port=0, grpc_port=0, metrics_port=0, ready_timeout=300)
+            with TritonServer(repo, options) as server:
+                url = server.url
+                warm = requests_for(cfg, 2, args.seed + 99)
+                for body in warm:  # warm-up: first-run allocations in the server
+                    one_request(url, body)
+                for c in args.concurrency:
+                    total = c * args.requests
+                    pool = requests_for(cfg, total, args.seed)
+                    bodies = [pool[i::c] for i in range(c)]
+                    time.sleep(args.cooldown)
+                    rows.append({"run": i, "prefill_chunk": chunk, **level(url, c, bodies)})
+                    print(json.dumps(rows[-1]), flush=True)
+                stats[str(chunk)] = client.metrics(server.metrics_url)
+    one = {r["run"]: r["tokens_per_s"] for r in rows if r["concurrency"] == min(args.concurrency)}
     for r in rows:
-        r["throughput_vs_one_client"] = r["tokens_per_s"] / one
+        r["throughput_vs_one_client"] = r["tokens_per_s"] / one[r["run"]]  # within each server's run
     return {
         "command": " ".join(["python benchmarks/serving/bench_serving.py", *sys.argv[1:]]),
         "machine": machine_info(),
@@ -156,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "vocab": cfg.vocab_size,
             "window": cfg.sliding_window,
         },
-        "settings": {k: getattr(args, k) for k in ("slots", "max_len", "threads", "requests", "seed", "cooldown")},
+        "settings": {k: getattr(args, k) for k in SETTINGS},
         "levels": rows,
         "server_metrics": stats,
     }
@@ -175,12 +185,18 @@ def markdown(res: dict[str, Any]) -> str:
         "generate_stream: prompts of 32-256 tokens, 16-64 new tokens, greedy, the same seeded set per level.",
         f"Machine: {m['cpu']} ({m['cores']} cores, no GPU); the clients share it with the server.",
         "",
-        "| clients | requests | tokens | wall s | tokens/s | vs 1 client | TTFT ms p50 | p99 | ITL ms p50 | p99 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "`prefill chunk`: the generation model's `prefill_chunk` parameter (0: `generate`'s chunks, which these "
+        "prompts are too short for, every admitted prompt whole between two decode steps; K: at most K prompt "
+        "tokens between two decode steps). Settings run one server each, in the order listed.",
+        "",
+        "| prefill chunk | clients | requests | tokens | wall s | tokens/s | vs fewest clients | TTFT ms p50 | p99 "
+        "| ITL ms p50 | p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["levels"]:
         lines.append(
-            f"| {r['concurrency']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"| {r.get('prefill_chunk', 0)} | {r['concurrency']} | {r['requests']} | {r['tokens']} | "
+            f"{r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['throughput_vs_one_client']:.2f} | {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | "
             f"{r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} |"
         )
@@ -193,18 +209,23 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = res["levels"]
-    c = [r["concurrency"] for r in levels]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(c, [r["tokens_per_s"] for r in levels], "o-")
-    a.set(xlabel="concurrent clients", ylabel="generated tokens / s", title="throughput", xscale="log", xticks=c)
-    a.set_xticklabels([str(x) for x in c])
-    for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "inter-token")):
-        b.plot(c, [r[f"{key}_p50"] for r in levels], "o-", label=f"{label} p50")
-        b.plot(c, [r[f"{key}_p99"] for r in levels], "o--", label=f"{label} p99")
-    b.set(xlabel="concurrent clients", ylabel="ms", title="latency", xscale="log", yscale="log", xticks=c)
-    b.set_xticklabels([str(x) for x in c])
-    b.legend()
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for r in res["levels"]:
+        runs.setdefault(r.get("prefill_chunk", 0), []).append(r)
+    for chunk, levels in runs.items():
+        c = [r["concurrency"] for r in levels]
+        tag = f" (prefill chunk {chunk})" if len(runs) > 1 else ""
+        a.plot(c, [r["tokens_per_s"] for r in levels], "o-", label=f"tokens/s{tag}")
+        for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "inter-token")):
+            b.plot(c, [r[f"{key}_p50"] for r in levels], "o-", label=f"{label} p50{tag}")
+            b.plot(c, [r[f"{key}_p99"] for r in levels], "o--", label=f"{label} p99{tag}")
+        for ax in (a, b):
+            ax.set_xticks(c)
+            ax.set_xticklabels([str(x) for x in c])
+    a.set(xlabel="concurrent clients", ylabel="generated tokens / s", title="throughput", xscale="log")
+    b.set(xlabel="concurrent clients", ylabel="ms", title="latency", xscale="log", yscale="log")
+    b.legend(fontsize="small")
     fig.suptitle("g2trt serve: in-flight batching, in-place KV cache (onnxruntime CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -220,6 +241,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--cooldown", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--prefill-chunk", type=int, nargs="+", default=[0], help="serving prefill_chunk settings, one server each"
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--work", type=Path, default=None)

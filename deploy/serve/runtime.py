@@ -43,6 +43,10 @@ class ServingParams:
     max_queue: int = 1024  # requests waiting for a slot before new ones are refused
     runtime: str = "auto"
     threads: int = 0  # onnxruntime intra-op threads; 0: onnxruntime's default
+    # 0: prompts prefilled in `g2trt generate`'s chunks (onnxruntime: 256 tokens over 512), each prefilling
+    # request one call per scheduler iteration; K: prompts over K tokens in chunks of K and one prefill call
+    # per iteration, so at most K prompt tokens run between two decode steps (in-place graphs)
+    prefill_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -55,6 +59,8 @@ class ServingParams:
             raise ServingError(f"runtime {self.runtime!r}: choose {', '.join(RUNTIMES)}")
         if self.threads < 0:
             raise ServingError(f"threads must be >= 0, got {self.threads}")
+        if self.prefill_chunk < 0:
+            raise ServingError(f"prefill_chunk must be >= 0 (0: generate's chunks), got {self.prefill_chunk}")
 
     def to_parameters(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -129,7 +135,8 @@ def open_slot_model(model_dir: Path, version_dir: Path, params: ServingParams) -
     tokenizer_path = version_dir / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
     if runner.kv_cache == "inplace":  # in-flight batching: one cache, every active slot in one step
-        model: SlotModel = InPlaceSlots(runner, params.slots, max_len)  # type: ignore[arg-type]
+        chunk = params.prefill_chunk or "auto"
+        model: SlotModel = InPlaceSlots(runner, params.slots, max_len, chunk)  # type: ignore[arg-type]
         return OpenedModel(model, cfg, tokenizer, description + ", in-place KV cache, in-flight batching")
     return OpenedModel(RunnerSlots(runner, params.slots, max_len), cfg, tokenizer, description)  # type: ignore[arg-type]
 

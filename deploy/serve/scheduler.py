@@ -92,8 +92,12 @@ class Scheduler:
         max_queue: int = 1024,
         on_change: Callable[[Stats], None] | None = None,
         log: Callable[[str], None] | None = None,
+        prefill_calls_per_step: int | None = None,
     ) -> None:
+        """`prefill_calls_per_step`: prefill calls between two decode steps, oldest request first (None: one
+        for every request still prefilling); with chunks of K tokens, 1 bounds that stall to K tokens."""
         self.model = model
+        self.prefill_calls_per_step = prefill_calls_per_step
         self.max_queue = max_queue
         self._on_change = on_change
         self._log = log or (lambda _msg: None)
@@ -155,7 +159,8 @@ class Scheduler:
                 self._stats.queued = len(self._queue)
             for job in admit:
                 self._admit(job)
-            for job in [j for j in self._active.values() if not j.tokens]:
+            prefilling = sorted((j for j in self._active.values() if not j.tokens), key=lambda j: j.id)
+            for job in prefilling[: self.prefill_calls_per_step]:
                 self._prefill(job)
             if self._active:
                 self._decode()

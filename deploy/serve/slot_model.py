@@ -16,7 +16,7 @@ slot's release. What sits behind them is the runtime:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -92,11 +92,15 @@ class InPlaceSlots:
     hands out the lowest free slot, so the range stays tight.
     """
 
-    def __init__(self, runner: InplaceRunner, slots: int, max_len: int) -> None:
+    def __init__(
+        self, runner: InplaceRunner, slots: int, max_len: int, prefill_chunk: int | Literal["auto"] = "auto"
+    ) -> None:
         self.runner = runner
         self.slots = slots
         self.max_len = max_len
-        length, ring = runner_cache_sizes(runner, max_len, runner.prefill_chunk or 1)
+        self.prefill_chunk = prefill_chunk  # `generate`'s setting: "auto" (the runner's rule) or a chunk
+        largest = runner.prefill_chunk if prefill_chunk == "auto" else prefill_chunk
+        length, ring = runner_cache_sizes(runner, max_len, largest or 1)
         self.cache = runner.allocate(slots, length, ring)
         self._next = np.zeros(slots, dtype=np.int64)  # each slot's next position
         self._ids = np.full((slots, 1), runner.config.pad_token_id, dtype=np.int64)
@@ -104,7 +108,7 @@ class InPlaceSlots:
 
     def prefill(self, slot: int, prompt: Sequence[int]) -> np.ndarray | None:
         start, width = int(self._next[slot]), len(prompt)
-        end = min(width, start + (chunk_for(self.runner, width, "auto") or width))
+        end = min(width, start + (chunk_for(self.runner, width, self.prefill_chunk) or width))
         ids = np.asarray([prompt[start:end]], dtype=np.int64)
         pos = np.arange(start, end, dtype=np.int64)[None]
         logits = self.runner.step(ids, pos, self.cache.rows(slot, slot + 1))

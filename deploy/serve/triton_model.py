@@ -111,7 +111,11 @@ class GenerateModel:
         self.limits = Limits(self.config.vocab_size, opened.model.max_len, tuple(self.config.eos_token_id))
         self._metrics = _Metrics(pb, self.name, self._log)
         self.scheduler = Scheduler(
-            opened.model, max_queue=params.max_queue, on_change=self._metrics.update, log=self._log
+            opened.model,
+            max_queue=params.max_queue,
+            on_change=self._metrics.update,
+            log=self._log,
+            prefill_calls_per_step=1 if params.prefill_chunk else None,  # at most one chunk between two steps
         )
         self._metrics.update(self.scheduler.stats())
         self.scheduler.start()

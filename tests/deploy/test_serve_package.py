@@ -28,7 +28,7 @@ def source(runtime_export, runtime_cfg, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def repo(source, tmp_path) -> Path:
-    package_repository(source, tmp_path / "repo", params=ServingParams(slots=3, max_len=512))
+    package_repository(source, tmp_path / "repo", params=ServingParams(slots=3, max_len=512, prefill_chunk=64))
     return tmp_path / "repo"
 
 
@@ -47,7 +47,8 @@ def test_generation_model_layout_and_config(repo):
     assert [i.name for i in config.input] == [s.name for s in INPUTS]
     assert [i.name for i in config.input if not i.optional] == ["max_tokens"]
     assert [o.name for o in config.output] == [s.name for s in OUTPUTS]
-    assert {k: v.string_value for k, v in config.parameters.items()}["slots"] == "3"
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert parameters["slots"] == "3" and parameters["prefill_chunk"] == "64"
     assert json.loads((model / "g2trt.json").read_text())["format"] == "g2trt-generate/1"
     assert "from deploy.serve.triton_model import GenerateModel" in (model / "1" / "model.py").read_text()
 
@@ -79,6 +80,8 @@ def test_validation_catches_missing_files(repo):
 def test_bad_settings_are_refused_before_anything_is_written(source, tmp_path):
     with pytest.raises(ServingError, match="slots must be >= 1"):
         ServingParams(slots=0)
+    with pytest.raises(ServingError, match="prefill_chunk must be >= 0"):
+        ServingParams(prefill_chunk=-1)
     with pytest.raises(G2trtError, match="exceeds the model's max_position_embeddings"):
         package_repository(source, tmp_path / "repo", params=ServingParams(max_len=10**6))
     assert not (tmp_path / "repo").exists()  # checked before the standard model was written

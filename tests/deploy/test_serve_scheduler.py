@@ -221,12 +221,15 @@ def test_runner_slots_give_generates_tokens(ort_runner, prompts, expected):
     scheduler.stop()
 
 
+@pytest.mark.parametrize("chunking", ["runner", "serving"])
 @pytest.mark.parametrize("target", ["plain", "ort"])
 def test_in_flight_batching_gives_generates_tokens(
-    target, runtime_inplace_export, runtime_cfg, prompts, expected, tmp_path
+    target, chunking, runtime_inplace_export, runtime_cfg, prompts, expected, tmp_path
 ):
     """The in-place runtime: requests join the running batch, each at its own position, slots are reused;
-    a long prompt goes in chunks with decode steps of the other requests between them."""
+    a long prompt goes in chunks with decode steps of the other requests between them. Chunks of 4 either
+    from the runner (`generate`'s rule: prompts over 8 tokens; every prefilling request one call per
+    iteration) or from serving's `prefill_chunk` (prompts over 4; one prefill call between two steps)."""
     from deploy.runners.factory import graph_contract
     from deploy.runners.ort_runner import OrtInplaceRunner
     from export.manifest import read_manifest
@@ -236,11 +239,11 @@ def test_in_flight_batching_gives_generates_tokens(
     if target != "plain":
         path = optimize(path, target, tmp_path / target).model_path
     _, full = graph_contract(read_manifest(path))
-    # chunks of 4 (`generate`'s rule: prompts over 8 tokens): 5 tokens at once, 23 and 11 in chunks
-    runner = OrtInplaceRunner(path, runtime_cfg, threads=1, full_sliding=full, prefill_chunk=4)
-    model = InPlaceSlots(runner, slots=2, max_len=128)
-    calls: list[tuple] = []  # ("prefill", slot, prompt length) / ("decode", slots)
-    prefill, decode = model.prefill, model.decode
+    serving = chunking == "serving"
+    runner = OrtInplaceRunner(path, runtime_cfg, threads=1, full_sliding=full, prefill_chunk=None if serving else 4)
+    model = InPlaceSlots(runner, slots=2, max_len=128, prefill_chunk=4 if serving else "auto")
+    calls: list[tuple] = []  # ("prefill", slot, prompt length) / ("decode", slots) / ("release", slot)
+    prefill, decode, release = model.prefill, model.decode, model.release
 
     def logged_prefill(slot, prompt):
         calls.append(("prefill", slot, len(prompt)))
@@ -250,28 +253,40 @@ def test_in_flight_batching_gives_generates_tokens(
         calls.append(("decode", tuple(slots)))
         return decode(slots, tokens)
 
-    model.prefill, model.decode = logged_prefill, logged_decode  # type: ignore[method-assign]
-    scheduler = Scheduler(model).start()
+    def logged_release(slot):
+        calls.append(("release", slot))
+        return release(slot)
+
+    model.prefill, model.decode, model.release = logged_prefill, logged_decode, logged_release  # type: ignore[method-assign]
+    scheduler = Scheduler(model, prefill_calls_per_step=1 if serving else None).start()
     jobs = [(request(p, 24), ListSink()) for p in [*prompts, *prompts]]  # 6 requests through 2 slots
     run_all(scheduler, jobs, timeout=120)
     assert [s.tokens for _, s in jobs] == expected * 2
     assert max(len(c[1]) for c in calls if c[0] == "decode") == 2  # both decoding slots in one step
-    # replay: chunks left per slot; a decode step while a slot below its top row is between two chunks
-    # steps that row with a pad at its next position, which the next chunk overwrites (the tokens above)
-    left: dict[int, int] = {}
+
+    def chunks(n: int) -> int:
+        return (n + 3) // 4 if n > (4 if serving else 8) else 1
+
+    # replay: chunks left per slot (None: free, 0: decoding). A decode step while a slot below its top row
+    # is between two chunks steps that row with a pad at its next position, which the next chunk overwrites
+    left: dict[int, int | None] = {0: None, 1: None}
     between_chunks = []
-    for call in calls:
+    for i, call in enumerate(calls):
         if call[0] == "prefill":
-            _, slot, n = call
-            chunks = (n + 3) // 4 if n > 8 else 1
-            left[slot] = (left.get(slot) or chunks) - 1  # a slot at 0 (or new) starts a prompt
-        else:
+            slot, n = call[1:]
+            left[slot] = (chunks(n) if left[slot] is None else left[slot]) - 1  # type: ignore[operator]
+            if serving and 0 in left.values():  # someone decodes: one prefill call, then their step
+                assert next(c for c in calls[i + 1 :] if c[0] != "release")[0] == "decode"
+        elif call[0] == "decode":
             between_chunks += [s for s, k in left.items() if k and s < max(call[1])]
-            assert not any(left.get(s) for s in call[1])  # only slots whose prompt is all in decode
+            assert all(left[s] == 0 for s in call[1])  # only slots whose prompt is all in decode
+        else:
+            left[call[1]] = None
     assert between_chunks  # a long prompt's chunks had decode steps between them, its row stepped too
     assert sum(c[0] == "prefill" and c[2] == 23 for c in calls) == 2 * 6  # six chunks each
     stats = scheduler.stats()
-    assert stats.busy == 0 and stats.prefill_calls == 2 * (1 + 6 + 3)  # no slot leaked; one call per chunk
+    assert stats.busy == 0  # no slot leaked
+    assert stats.prefill_calls == 2 * sum(chunks(len(p)) for p in prompts)  # one call per chunk
     scheduler.stop()
 
 
