@@ -404,6 +404,37 @@ def test_model_streams_one_response_per_token_and_ends_final(served, prompts, ex
     assert pieces == load_tokenizer(served_tokenizer(served)).decode(expected[0])
 
 
+def test_model_with_prefill_chunks_streams_the_same_tokens(runtime_inplace_export, runtime_cfg, tmp_path, prompts):
+    """The `prefill_chunk` parameter reaches the slot model and the scheduler: chunks of 4 for the in-place
+    graph's 23-token prompt, one prefill call between two decode steps, the tokens of `generate`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in runtime_inplace_export.model_path.parent.iterdir():
+        (src / f.name).symlink_to(f)
+    write_id_tokenizer(runtime_cfg, src)
+    params = ServingParams(slots=2, max_len=96, threads=1, prefill_chunk=4)
+    _, gen = package_repository(src, tmp_path / "repo", params=params)
+    assert gen is not None
+    args = {
+        "model_config": json.dumps(_config_json((gen.model_dir / "config.pbtxt").read_text())),
+        "model_repository": str(gen.model_dir),
+        "model_version": "1",
+        "model_name": gen.model_dir.name,
+    }
+    model = GenerateModel(args, FakePb)
+    try:
+        assert model.scheduler.prefill_calls_per_step == 1 and model.scheduler.model.prefill_chunk == 4
+        runner = model.scheduler.model.runner  # type: ignore[attr-defined]
+        want = generate(runner, [prompts[1]], GenerationConfig(max_new_tokens=12, stop_tokens=())).tokens[0]
+        req = FakeRequest(input_ids=np.array(prompts[1]), max_tokens=np.array([12], np.int32),
+                          end_id=np.array([-1], np.int32), stream=np.array([True]))  # fmt: skip
+        model.execute([req])
+        assert [int(r.outputs["output_ids"][0]) for r, _ in wait(req)] == want
+        assert model.scheduler.stats().prefill_calls == 6  # 23 tokens in chunks of 4
+    finally:
+        model.finalize()
+
+
 def served_tokenizer(model: GenerateModel) -> Path:
     assert model.tokenizer is not None
     return model.tokenizer.path
