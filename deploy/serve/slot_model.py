@@ -84,12 +84,12 @@ class InPlaceSlots:
 
     One cache of `slots` rows is allocated once. A prefill runs on its slot's row alone (a view of the
     cache: rows are contiguous, batch-major); a long prompt goes one chunk per call, in the chunks
-    `generate` takes (`chunk_for`), so the rings hold the runner's chunk too. A decode step runs rows
-    [0, highest decoding] as one batch, each row at its own position. The other rows in that range (idle,
-    or between two chunks of their prompt) step a pad token at the next position their prefill will write:
-    its slot is written again by that prefill before any query reads it, and on a ring the slot's old
-    entry is already out of the next chunk's window (the ring holds window + chunk - 1). The scheduler
-    hands out the lowest free slot, so the range stays tight.
+    `prefill_chunk` asks for (`chunk_for`; "auto": the ones `generate` takes), so the rings hold a chunk
+    too. A decode step runs rows [0, highest decoding] as one batch, each row at its own position. The
+    other rows in that range (idle, or between two chunks of their prompt) step a pad token at the next
+    position their prefill will write: its slot is written again by that prefill before any query reads
+    it, and on a ring the slot's old entry is already out of the next chunk's window (the ring holds
+    window + chunk - 1). The scheduler hands out the lowest free slot, so the range stays tight.
     """
 
     def __init__(
