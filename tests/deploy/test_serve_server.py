@@ -53,12 +53,16 @@ FREE = ServerOptions(http_port=0, grpc_port=0, metrics_port=0, ready_timeout=90)
 def repo(runtime_inplace_export, runtime_cfg, tmp_path_factory) -> Path:
     """The in-place export: the server batches requests in flight (the dynamic contract's model runs its
     slots one by one; tests/deploy/test_serve_scheduler.py covers both)."""
+    return _package(runtime_inplace_export, runtime_cfg, tmp_path_factory)
+
+
+def _package(export, cfg, tmp_path_factory, **params) -> Path:
     src = tmp_path_factory.mktemp("serve-src")
-    for f in runtime_inplace_export.model_path.parent.iterdir():
+    for f in export.model_path.parent.iterdir():
         (src / f.name).symlink_to(f)
-    write_id_tokenizer(runtime_cfg, src)
+    write_id_tokenizer(cfg, src)
     out = tmp_path_factory.mktemp("serve-repo")
-    package_repository(src, out, params=ServingParams(slots=SLOTS, threads=1))
+    package_repository(src, out, params=ServingParams(slots=SLOTS, threads=1, **params))
     return out
 
 
@@ -281,6 +285,22 @@ def test_32_clients_x_4_requests_none_lost_all_correct_no_slot_leaked(server, re
     assert after["g2trt_requests_finished"] - before["g2trt_requests_finished"] == 128
     assert after["g2trt_requests_failed"] == before["g2trt_requests_failed"]
     print(f"128 requests from 32 clients in {seconds:.1f} s, {sum(n for _, n in cases) / seconds:.0f} tokens/s")
+
+
+def test_prefill_chunks_in_a_real_server_give_generates_tokens(
+    runtime_inplace_export, runtime_cfg, reference, tmp_path_factory
+):
+    """`prefill_chunk` 8 through a real server's config: prompts over 8 tokens go in chunks, one prefill call
+    between two decode steps, while other requests decode; every response is `generate`'s."""
+    chunked = _package(runtime_inplace_export, runtime_cfg, tmp_path_factory, prefill_chunk=8)
+    cases = [(prompt_of(9 + (11 * i) % 50, seed=2000 + i, vocab=runtime_cfg.vocab_size), 6 + i % 7) for i in range(16)]
+
+    def one(case: tuple[list[int], int]) -> list[int]:
+        return client.stream_ids(server.url, MODEL, {"input_ids": case[0], "max_tokens": case[1], "end_id": -1})[0]
+
+    with TritonServer(chunked, FREE) as server, ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, cases))
+    assert got == [reference(p, n) for p, n in cases]
 
 
 # Faults
