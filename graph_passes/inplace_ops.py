@@ -133,9 +133,17 @@ def length_key(past: gs.Tensor) -> str | int:
 
 
 def bias(
-    g: PassGraph, form: Form, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node, shared: bool = True
+    g: PassGraph,
+    form: Form,
+    pos: gs.Tensor,
+    past: gs.Tensor,
+    window: int,
+    like: gs.Node,
+    shared: bool = True,
+    slots: tuple[gs.Tensor, gs.Tensor] | None = None,
 ) -> gs.Tensor:
-    """Additive fp32 bias [B, 1, S, K] over the keys `attention` reads; one per (form, window, cache length)."""
+    """Additive fp32 bias [B, 1, S, K] over the keys `attention` reads; one per (form, window, cache length).
+    The circular form masks the slots `read_slots` gives (`slots`, when the caller already built them)."""
     key = ("inplace.bias", form, window, length_key(past))
     if shared and key in g.memo:
         return g.memo[key]
@@ -145,8 +153,9 @@ def bias(
                               _i64(g, "invalid", INVALID)], like=like, dtype=I64)  # fmt: skip
         return _position_mask(g, pos, keys, window, like, key if shared else None)
     c = primitives.dim(g, past, 2, like)
-    bounds = read_slots(g, pos, past, window, like) if form == "circular" else None
-    first, end = (zero, c) if bounds is None else (primitives.scalar_of(g, bounds[0], like), bounds[1])
+    if form == "circular" and slots is None:
+        slots = read_slots(g, pos, past, window, like)
+    first, end = (zero, c) if slots is None else (primitives.scalar_of(g, slots[0], like), slots[1])
     slots = g.op("Range", [first, primitives.scalar_of(g, end, like), one], like=like, dtype=I64)  # what is read
     if form == "linear":
         keys = g.op("Unsqueeze", [slots, _i64(g, "axis0", [0])], like=like, dtype=I64)  # [1, C]: slot = position

@@ -140,7 +140,7 @@ def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     rotates q/k itself and writes the shared buffer; else: RotaryEmbedding, the circular TensorScatter and
     standard-op attention). What only the else branch needs is built per site (its rotary, writes), so it
     moves into that branch and a GQA step never runs it; its masks are built once per group of layers,
-    behind an If of the same condition (_gated_biases)."""
+    behind an If of the same condition (_gated_masks)."""
     node = low.node
     a = INPLACE.parse(node.attrs)
     h, kv, d, window = int(a["num_heads"]), int(a["kv_heads"]), int(a["head_dim"]), int(a["window"])
@@ -178,8 +178,8 @@ def rewrite_inplace(g: PassGraph, low: Lowering) -> None:
     inplace_ops.write(g, "circular", past_key, k4, pos, full[0], node, shared=False)
     inplace_ops.write(g, "circular", past_value, v4, pos, full[1], node, shared=False)
     cond = _gqa_step(g, pos, past_key, node)
-    biases = _gated_biases(g, cond, pos, past_key, window, node)
-    out3 = _prompt_attention(g, node, a, q4, k4, v4, full, pos, biases, dtype)
+    masks = _gated_masks(g, cond, pos, past_key, window, node)
+    out3 = _prompt_attention(g, node, a, q4, k4, v4, full, pos, masks, dtype)
     g.memo.setdefault(IFS, []).append(
         branches.make_if(g, cond, gqa, [out3, *full], [result, present_k, present_v], like=node)
     )
@@ -197,7 +197,7 @@ def _prompt_attention(
     v4: gs.Tensor,
     present: list[gs.Variable],
     pos: gs.Tensor,
-    biases: tuple[gs.Tensor, gs.Tensor],
+    masks: Masks,
     dtype: np.dtype,
 ) -> gs.Tensor:
     """The standard-op attention of a multi-token step, [B, S, H*Dh]: If(no row continues a sequence:
@@ -211,12 +211,11 @@ def _prompt_attention(
         return g.op("Reshape", [bshd, g.constant("shape", np.array([0, 0, h * d], np.int64))], like=node, dtype=dtype)
 
     fresh_out = g.variable(f"{node.name}/fresh_out4", dtype)
-    inplace_ops.attention(g, q4, [k4], [v4], biases[0], a, fresh_out, node)
+    inplace_ops.attention(g, q4, [k4], [v4], masks.fresh, a, fresh_out, node)
     general_out = g.variable(f"{node.name}/general_out4", dtype)
-    slots = inplace_ops.read_slots(g, pos, present[0], window, node)  # as the mask (inplace_ops.bias)
-    read = [inplace_ops.slots_of(g, p, slots, node) for p in present]
+    read = [inplace_ops.slots_of(g, p, masks.slots, node) for p in present]  # the slots the mask covers
     blocks = ([read[0], k4], [read[1], v4]) if window else ([read[0]], [read[1]])
-    inplace_ops.attention(g, q4, blocks[0], blocks[1], biases[1], a, general_out, node)
+    inplace_ops.attention(g, q4, blocks[0], blocks[1], masks.circular, a, general_out, node)
     i64 = np.int64
     first = g.op("Slice", [pos, g.constant("start", [0], i64), g.constant("end", [1], i64),
                            g.constant("axis1", [1], i64)], like=node, dtype=i64)  # fmt: skip
@@ -323,21 +322,36 @@ def _gqa_step(g: PassGraph, pos: gs.Tensor, past: gs.Tensor, like: gs.Node) -> g
     return g.memo[key]
 
 
-def _gated_biases(
-    g: PassGraph, gqa: gs.Tensor, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node
-) -> tuple[gs.Tensor, gs.Tensor]:
-    """The standard-op branch's masks (a first prompt's, and the circular buffer's) for every layer of this
-    window and buffer length, built once behind `If(gqa)`: then: placeholders, else: the masks. Per site,
-    a mask would be built once per layer by each step that takes the standard ops (a prompt, a long
-    decode); in the main graph, by every GQA step too; behind this If a GQA step pays one If call."""
-    key = ("gated_biases", window, inplace_ops.length_key(past))
+@dataclasses.dataclass(frozen=True)
+class Masks:
+    """What the standard-op branch of every layer in a group reads, built once behind `_gated_masks`' If."""
+
+    fresh: gs.Tensor  # a first prompt's bias
+    circular: gs.Tensor  # a continuing step's bias over the buffer slots it reads
+    slots: tuple[gs.Tensor, gs.Tensor]  # those slots, [lo, hi) (inplace_ops.read_slots)
+
+
+def _gated_masks(g: PassGraph, gqa: gs.Tensor, pos: gs.Tensor, past: gs.Tensor, window: int, like: gs.Node) -> Masks:
+    """The standard-op branch's masks (a first prompt's, and the circular buffer's, with the slots it covers)
+    for every layer of this window and buffer length, built once behind `If(gqa)`: then: placeholders,
+    else: the masks. Per site, they would be built once per layer by each step that takes the standard ops
+    (a prompt, a ring's decode); in the main graph, by every GQA step too; behind this If a GQA step pays
+    one If call."""
+    key = ("gated_masks", window, inplace_ops.length_key(past))
     if key not in g.memo:
-        biases = [inplace_ops.bias(g, form, pos, past, window, like, shared=False) for form in ("fresh", "circular")]
-        none = g.constant("no_bias", np.zeros((1, 1, 1, 1), np.float32))
-        placeholders = [g.op("Identity", [none], like=like, dtype=np.float32) for _ in biases]
-        outs = [g.variable(f"{like.name}/{form}_bias", np.float32) for form in ("fresh", "circular")]
-        g.memo.setdefault(MASK_IFS, []).append(branches.make_if(g, gqa, placeholders, biases, outs, like=like))
-        g.memo[key] = (outs[0], outs[1])
+        slots = inplace_ops.read_slots(g, pos, past, window, like)
+        built = [
+            inplace_ops.bias(g, "fresh", pos, past, window, like, shared=False),
+            inplace_ops.bias(g, "circular", pos, past, window, like, shared=False, slots=slots),
+            *slots,
+        ]
+        names, dtypes = ("fresh_bias", "circular_bias", "read_lo", "read_hi"), (np.float32,) * 2 + (np.int64,) * 2
+        empty = {np.float32: g.constant("no_bias", np.zeros((1, 1, 1, 1), np.float32)),
+                 np.int64: g.constant("no_slot", np.zeros([1], np.int64))}  # fmt: skip
+        placeholders = [g.op("Identity", [empty[t]], like=like, dtype=t) for t in dtypes]
+        outs = [g.variable(f"{like.name}/{n}", t) for n, t in zip(names, dtypes, strict=True)]
+        g.memo.setdefault(MASK_IFS, []).append(branches.make_if(g, gqa, placeholders, built, outs, like=like))
+        g.memo[key] = Masks(outs[0], outs[1], (outs[2], outs[3]))
     return g.memo[key]
 
 
