@@ -33,7 +33,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent / "ort_targets"))
 
-from bench_ort_targets import bench_config, machine, model_args, trial_args, write_results  # noqa: E402
+from bench_ort_targets import (  # noqa: E402
+    bench_config,
+    inplace_model_phrase,
+    machine,
+    machine_line,
+    model_args,
+    trial_args,
+    write_results,
+)
 
 from benchmarks.timed_models import InplaceModel, interleaved_trials  # noqa: E402
 from export.config import Gemma2Config  # noqa: E402
@@ -141,15 +149,11 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"`{res['command']}`",
         "",
-        f"Model: random Gemma 2, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-        f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads, vocab {c['vocab_size']}, window "
-        f"{c['sliding_window']}; fp32, in-place KV cache, last-logits-only. Batch 1, {s['decode']} decode steps "
+        f"{inplace_model_phrase(c)} Batch 1, {s['decode']} decode steps "
         f"after the prompt, {s['threads']} intra-op threads for every model, three sessions per model and "
         f"mode (made flushed, not, not, flushed, flushed, not), {s['rounds']} interleaved rounds (order rotated), "
         f"{s['cooldown']} s idle before every trial; medians over the three sessions.",
-        f"Machine: {m['cpu']} ({m['cores']} cores), onnxruntime {m['versions'].get('onnxruntime')}, "
-        f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}; load average at the end "
-        f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_end'])}.",
+        machine_line(m),
     ]
     lines += [
         "",

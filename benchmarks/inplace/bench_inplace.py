@@ -39,6 +39,7 @@ from bench_ort_targets import (  # noqa: E402
     FloorModel,
     bench_config,
     machine,
+    machine_line,
     model_args,
     trial_args,
     write_results,
@@ -140,9 +141,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"`{res['command']}`",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores), onnxruntime {m['versions'].get('onnxruntime')}, "
-        f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}; load average at the end "
-        f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_end'])}.",
+        machine_line(m),
         f"Batch 1, fp32, {s['threads']} intra-op threads for every model, {s['rounds']} interleaved rounds "
         f"(order rotated), {s['cooldown']} s idle before every trial; medians (prefill over rounds, decode over "
         "every step of every round). g2trt exports: last-logits-only.",

@@ -253,6 +253,24 @@ def model_args(ap: argparse.ArgumentParser, window: int) -> None:
     ap.add_argument("--window", type=int, default=window, help="sliding window")
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The markdown line naming the machine, onnxruntime and onnxruntime-genai, and the load at the end."""
+    return (
+        f"Machine: {m['cpu']} ({m['cores']} cores), onnxruntime {m['versions'].get('onnxruntime')}, "
+        f"onnxruntime-genai {m['versions'].get('onnxruntime-genai')}; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_end'])}."
+    )
+
+
+def inplace_model_phrase(c: dict[str, Any]) -> str:
+    """The random model of a `bench_config` (its config as a dict) and the in-place export, as one sentence."""
+    return (
+        f"Model: random Gemma 2, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"{c['num_attention_heads']}/{c['num_key_value_heads']} heads, vocab {c['vocab_size']}, window "
+        f"{c['sliding_window']}; fp32, in-place KV cache, last-logits-only."
+    )
+
+
 def write_results(args: argparse.Namespace, stem: str, res: dict[str, Any], text: str) -> Path:
     """`stem`.json and `stem`.md (`stem`_quick.* for --quick) into --out, each written under a temporary
     name and renamed; prints the markdown. Returns the path the files share, without suffix."""
