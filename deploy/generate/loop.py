@@ -167,29 +167,32 @@ def generate_inplace(
     step_ids = np.zeros((batch, 1), dtype=np.int64)
     step_pos = pos[:, -1:].copy()
     step_s: list[float] = []
-    start = time.perf_counter()
-    logits = prefill(runner, ids, pos, cache, chunk)
     prefill_s = 0.0
     n = 0
-    for n in range(1, new_max + 1):
-        new = next_tokens(logits[:, -1, :], config.sampling, rng)
-        if done.any():
-            new[done] = cfg.pad_token_id
-        out[:, n - 1] = new
-        now = time.perf_counter()
-        if n == 1:
-            prefill_s = now - start
-        else:
-            step_s.append(now - start)
-        start = now
-        if on_step is not None:
-            on_step(new)
-        done |= (new[:, None] == stop).any(axis=1)  # np.isin costs ~10 us a call on these tiny arrays
-        if n == new_max or done.all():
-            break
-        step_ids[:, 0] = new
-        step_pos += 1
-        logits = runner.step(step_ids, step_pos, cache)
+    try:  # the runner forgets the cache after (its bindings would keep every generation's cache alive)
+        start = time.perf_counter()
+        logits = prefill(runner, ids, pos, cache, chunk)
+        for n in range(1, new_max + 1):
+            new = next_tokens(logits[:, -1, :], config.sampling, rng)
+            if done.any():
+                new[done] = cfg.pad_token_id
+            out[:, n - 1] = new
+            now = time.perf_counter()
+            if n == 1:
+                prefill_s = now - start
+            else:
+                step_s.append(now - start)
+            start = now
+            if on_step is not None:
+                on_step(new)
+            done |= (new[:, None] == stop).any(axis=1)  # np.isin costs ~10 us a call on these tiny arrays
+            if n == new_max or done.all():
+                break
+            step_ids[:, 0] = new
+            step_pos += 1
+            logits = runner.step(step_ids, step_pos, cache)
+    finally:
+        runner.release(cache)
 
     tokens, finish = _cut_at_stop(out[:, :n].tolist(), stop)
     return Generation(tokens, finish, prefill_s, step_s, cache.nbytes, cache.nbytes)

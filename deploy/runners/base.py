@@ -76,6 +76,10 @@ class InplaceRunner(Protocol):
         """logits [B, S or 1, V] fp32; writes this step's keys and values into `cache` in place."""
         ...
 
+    def release(self, cache: InplaceCache) -> None:
+        """Drop what the runner keeps for `cache` (bindings hold its buffers): call it when done with a cache."""
+        ...
+
 
 class CacheSizeError(G2trtError, ValueError):
     """A step or generation that does not fit the in-place cache."""

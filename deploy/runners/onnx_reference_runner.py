@@ -74,3 +74,6 @@ class OnnxReferenceInplaceRunner(OnnxReferenceRunner):
             np.copyto(k, pk)
             np.copyto(v, pv)
         return logits
+
+    def release(self, cache: InplaceCache) -> None:
+        """Nothing is kept per cache."""

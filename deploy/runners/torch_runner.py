@@ -70,3 +70,6 @@ class TorchInplaceRunner:
             buffers,
         )
         return logits.numpy()
+
+    def release(self, cache: InplaceCache) -> None:
+        """Nothing is kept per cache."""

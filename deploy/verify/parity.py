@@ -128,6 +128,7 @@ def compare_inplace(
             ids = rng.integers(0, cfg.vocab_size, size=(batch, 1), dtype=np.int64)
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             pos, cpos = pos[:, -1:] + 1, cpos[:, -1:] + 1
+        candidate.release(cache)  # its bindings would keep the case's cache (GPU memory for TensorRT)
     return Report(reference.name, candidate.name, diffs)
 
 

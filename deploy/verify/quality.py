@@ -70,13 +70,16 @@ def _inplace_logits(runner: InplaceRunner, ids: np.ndarray, stepwise: bool) -> n
     n = ids.shape[1]
     length, ring = runner_cache_sizes(runner, n)
     if not stepwise:
-        logits = runner.step(ids, np.arange(n, dtype=np.int64)[None], runner.allocate(1, length, ring))
-        if logits.shape[1] == n:
-            return logits[0].astype(np.float64)
+        cache = runner.allocate(1, length, ring)
+        logits = runner.step(ids, np.arange(n, dtype=np.int64)[None], cache)[0].astype(np.float64)
+        runner.release(cache)
+        if logits.shape[0] == n:
+            return logits
     cache = runner.allocate(1, length, ring)
     rows = []
     for t in range(n):  # astype copies: the runner reuses its logits array
         rows.append(runner.step(ids[:, t : t + 1], np.array([[t]], np.int64), cache)[0, -1].astype(np.float64))
+    runner.release(cache)
     return np.stack(rows)
 
 

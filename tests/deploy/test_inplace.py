@@ -240,6 +240,27 @@ def test_one_token_graph_only_for_small_weights(inplace_graphs, runtime_cfg, mon
     assert OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, decode_graph=True).decode_session is not None
 
 
+def test_generate_leaves_no_cache_behind(inplace_graphs, runtime_cfg, prompts) -> None:
+    """A runner's bindings hold the buffers of the cache they bind; `generate` releases its cache when done,
+    so generating again and again does not keep every generation's cache alive."""
+    import gc
+    import weakref
+
+    runner = _runner(inplace_graphs("ort"), runtime_cfg)
+    allocate, held = runner.allocate, []
+
+    def recorded(*args, **kwargs):
+        cache = allocate(*args, **kwargs)
+        held.append(weakref.ref(cache.buffers[0][0]))
+        return cache
+
+    runner.allocate = recorded  # type: ignore[method-assign]
+    for _ in range(3):
+        generate(runner, prompts, GenerationConfig(max_new_tokens=4, stop_tokens=()))
+    gc.collect()
+    assert len(held) == 3 and all(ref() is None for ref in held)
+
+
 def test_one_token_graph_reads_a_hard_linked_weights_file(inplace_graphs, runtime_cfg, tmp_path: Path) -> None:
     """`g2trt pipeline` hard-links the export's weights into each target's folder; onnx's loader refuses
     such a file, so the one-token session takes its weights through onnxruntime, as the main one does."""
