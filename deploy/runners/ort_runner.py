@@ -60,14 +60,16 @@ class _OrtModel:
         providers: list[str] | None = None,
         session_options: ort.SessionOptions | None = None,
         flush_denormals: bool = True,
+        spin_between_runs: bool = True,
     ) -> None:
         self.name = name
         self.config = config
         self.flush_denormals = flush_denormals  # deploy/runners/denormals.py: why, and on which threads
         self.manifest = _manifest(model_path)  # read once: its requirements, providers and runtime choices
         self.session = open_session(
-            model_path, self.manifest, threads, optimize, providers, session_options, flush_denormals
-        )
+            model_path, self.manifest, threads, optimize, providers, session_options, flush_denormals,
+            spin_between_runs,
+        )  # fmt: skip
         check_contract(self.session, config, str(model_path), self.kv_cache)
         self.kv_dtype = cache_dtype(self.session, str(model_path))
 
@@ -107,6 +109,8 @@ class OrtInplaceRunner(_OrtModel):
     (graph_passes/decode_graph.py: no per-layer `If`) in a second session. None = when the graph is an
     `ort` in-place graph whose weights take at most `DECODE_GRAPH_MAX_BYTES`: the second session holds a
     second copy of them, and only on a model that small is the `If`s' time worth it (docs/kv_cache.md).
+    The first session's thread pool then stops spinning when its run ends (`SPIN_STOP_KEY`): left
+    spinning, it competes with the decode session's pool for the cores through every decode step.
 
     `prefill_chunk`: what `generate` prefills a long prompt in (`PREFILL_CHUNK`; None: at once).
     """
@@ -124,7 +128,8 @@ class OrtInplaceRunner(_OrtModel):
         prefill_chunk: int | None = PREFILL_CHUNK,
         **options: Any,
     ) -> None:
-        super().__init__(model_path, config, **options)
+        one_token = _one_token_graph(Path(model_path), _manifest(model_path), decode_graph)
+        super().__init__(model_path, config, spin_between_runs=one_token is None, **options)
         self.prefill_chunk = prefill_chunk
         self.full_sliding = full_sliding
         if full_sliding_max == "manifest":
@@ -134,7 +139,7 @@ class OrtInplaceRunner(_OrtModel):
         self.last_logits_only = logits.shape[1] == 1
         self._bindings: dict[tuple[int, int, int], _Binding] = {}
         self._last: _Binding | None = None  # the binding of the latest one-token step
-        self.decode_session = _decode_session(Path(model_path), self.manifest, self.session, decode_graph)
+        self.decode_session = None if one_token is None else _decode_session(one_token, Path(model_path), self.session)
 
     def allocate(self, batch: int, length: int, ring: int | None = None) -> InplaceCache:
         ring = length if ring is None or sliding_is_full(length, self.full_sliding, self.full_sliding_max) else ring
@@ -190,15 +195,17 @@ class OrtInplaceRunner(_OrtModel):
 # the tiny preset's step (4.5 MB of weights), under 1 % of the medium model's (160 MB). Below this size
 # the second copy of the weights the one-token session holds is small and the If's share of a step large.
 DECODE_GRAPH_MAX_BYTES = 32 << 20
+# onnxruntime's pool threads spin between runs, by default for as long as the session is idle. With a
+# second session decoding, the first one's pool (idle after the prefill) kept a core busy through every
+# decode step: three busy threads on two cores, and a decode step now and then waited a scheduler tick
+# (4 ms) for a core. Measured on the tiny preset, 64 new tokens, one process per run (docs/kv_cache.md):
+# the mean decode step 0.21-0.38 ms with the first session stopping, against 0.31-0.51 ms spinning.
+SPIN_STOP_KEY = "session.force_spinning_stop"
 
 
-def _decode_session(
-    model_path: Path,
-    manifest: dict[str, Any],
-    session: ort.InferenceSession,
-    wanted: bool | None,
-) -> ort.InferenceSession | None:
-    """A session of the graph's one-token form (graph_passes/decode_graph.py), or None where it does not apply."""
+def _one_token_graph(model_path: Path, manifest: dict[str, Any], wanted: bool | None) -> Any:
+    """The graph's one-token form (graph_passes/decode_graph.py, an onnx ModelProto), or None where the
+    runner does not use one (`decode_graph`: see OrtInplaceRunner)."""
     if wanted is False:
         return None
     if manifest.get("target") != "ort" or manifest.get("provider", "cpu") != "cpu":
@@ -215,13 +222,29 @@ def _decode_session(
     # The graph alone: onnxruntime reads the weights from the model's folder, as for the main session
     # (onnx's own loader refuses a data file that `g2trt optimize` hard-linked from the export).
     model = onnx.load(str(model_path), load_external_data=False)
-    if not decode_graph(model):
-        return None
-    # the main session's options: its threads, optimization level and denormal mode
-    so = session.get_session_options()
+    return model if decode_graph(model) else None
+
+
+def _decode_session(model: Any, model_path: Path, session: ort.InferenceSession) -> ort.InferenceSession:
+    """A session of the one-token graph `model` with the main session's threads, optimization level,
+    execution mode and denormal mode, and its pool spinning between runs (decode steps follow each other)."""
+    main = session.get_session_options()
+    so = ort.SessionOptions()
+    for attr in ("intra_op_num_threads", "inter_op_num_threads", "graph_optimization_level", "execution_mode",
+                 "log_severity_level"):  # fmt: skip
+        setattr(so, attr, getattr(main, attr))
+    if _config_entry(main, denormals.CONFIG_KEY) == "1":
+        denormals.configure(so)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     with denormals.kept_mode():
         return ort.InferenceSession(model.SerializeToString(), so, providers=session.get_providers())
+
+
+def _config_entry(so: ort.SessionOptions, key: str) -> str | None:
+    try:
+        return so.get_session_config_entry(key)
+    except RuntimeError:  # "does not have configuration with key"
+        return None
 
 
 @dataclasses.dataclass
@@ -246,9 +269,11 @@ def open_session(
     providers: list[str] | None,
     session_options: ort.SessionOptions | None,
     flush_denormals: bool = True,
+    spin_between_runs: bool = True,
 ) -> ort.InferenceSession:
     """A session of a g2trt graph: the providers its manifest allows, after checking what it requires. With
-    `flush_denormals` its pool threads flush denormals; the creating thread's mode is left as it was."""
+    `flush_denormals` its pool threads flush denormals; the creating thread's mode is left as it was.
+    Without `spin_between_runs` its pool threads stop spinning when a run ends (`SPIN_STOP_KEY`)."""
     so = session_options or ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -256,6 +281,8 @@ def open_session(
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if flush_denormals:
         denormals.configure(so)
+    if not spin_between_runs:
+        so.add_session_config_entry(SPIN_STOP_KEY, "1")
     check_requires(manifest, str(model_path))
     try:
         with denormals.kept_mode():

@@ -19,7 +19,7 @@ import pytest
 from deploy.engine.build import BuildError, BuildOptions, build_engine
 from deploy.engine.profiles import ProfileError
 from deploy.generate.loop import GenerationConfig, GenerationError, chunk_for, generate, pad_left, prefill
-from deploy.runners import ort_runner
+from deploy.runners import denormals, ort_runner
 from deploy.runners.base import cache_sizes, padded_positions, runner_cache_sizes
 from deploy.runners.factory import graph_contract
 from deploy.runners.ort_runner import OrtInplaceRunner
@@ -238,6 +238,26 @@ def test_one_token_graph_only_for_small_weights(inplace_graphs, runtime_cfg, mon
     monkeypatch.setattr(ort_runner, "DECODE_GRAPH_MAX_BYTES", 1 << 20)  # below tiny's weights
     assert _runner(inplace_graphs("ort"), runtime_cfg).decode_session is None
     assert OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, decode_graph=True).decode_session is not None
+
+
+def test_only_the_decoding_session_spins_between_runs(inplace_graphs, runtime_cfg) -> None:
+    """With a one-token session decoding, the prompt session's pool stops spinning when its run ends (else
+    it kept a core busy through every decode step); the decode session keeps spinning between its steps,
+    and its threads and denormal mode are the prompt session's."""
+
+    def entry(session, key: str) -> str | None:
+        return ort_runner._config_entry(session.get_session_options(), key)
+
+    runner = OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, threads=2, full_sliding=True)
+    assert runner.decode_session is not None
+    assert entry(runner.session, ort_runner.SPIN_STOP_KEY) == "1"
+    assert entry(runner.decode_session, ort_runner.SPIN_STOP_KEY) is None
+    assert entry(runner.decode_session, denormals.CONFIG_KEY) == "1"
+    assert runner.decode_session.get_session_options().intra_op_num_threads == 2
+    alone = OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, threads=2, decode_graph=False)
+    assert entry(alone.session, ort_runner.SPIN_STOP_KEY) is None  # one session: it decodes too
+    unflushed = OrtInplaceRunner(inplace_graphs("ort"), runtime_cfg, flush_denormals=False, decode_graph=True)
+    assert unflushed.decode_session is not None and entry(unflushed.decode_session, denormals.CONFIG_KEY) is None
 
 
 def test_generate_leaves_no_cache_behind(inplace_graphs, runtime_cfg, prompts) -> None:
