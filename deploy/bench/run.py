@@ -173,7 +173,8 @@ def prepare(
         if "ort-plain" not in artifacts:
             from export.onnx_export import ExportOptions, export_onnx
 
-            opts = ExportOptions(dtype=settings.dtype, kv_cache=settings.kv_cache)  # type: ignore[arg-type]
+            # the generation export: logits of the last position only, all a generation reads
+            opts = ExportOptions(dtype=settings.dtype, kv_cache=settings.kv_cache, last_logits_only=True)  # type: ignore[arg-type]
             artifacts["ort-plain"] = str(export_onnx(model.source(), work / "onnx", opts).model_path)
         return artifacts["ort-plain"]
 

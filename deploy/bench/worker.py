@@ -46,7 +46,7 @@ def load(spec: Any) -> Any:
 
         torch.set_num_threads(spec.threads or 1)
         runner = TorchInplaceRunner if spec.kv_cache == "inplace" else TorchRunner
-        return runner(load_model(spec.model.source(), "fp32"), name=spec.backend)
+        return runner(load_model(spec.model.source(), "fp32", last_logits_only=True), name=spec.backend)
     if spec.kind == "ort":
         from deploy.runners.factory import graph_contract
         from deploy.runners.ort_runner import OrtInplaceRunner, OrtRunner

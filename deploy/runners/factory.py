@@ -163,9 +163,12 @@ def _check_contract(path: Path, contract: str, wanted: str | None) -> None:
 
 
 def export_for_ort(ref: ModelRef, work_dir: Path | None, kv_cache: io.KvCache = "inplace") -> Path:
-    """Export the checkpoint (or preset) to fp32 ONNX under `work_dir` and return model.onnx."""
+    """Export the checkpoint (or preset) to fp32 ONNX under `work_dir` and return model.onnx: the generation
+    export, logits of the last position only (what a generation reads; a prompt's other rows cost the
+    head's product and memory for nothing)."""
     from export.onnx_export import ExportOptions, export_onnx
 
     if work_dir is None:
         raise ModelError("the ort backend needs an ONNX model; export one with `g2trt export` first")
-    return export_onnx(ref.weights(), work_dir / "onnx", ExportOptions(dtype="fp32", kv_cache=kv_cache)).model_path
+    options = ExportOptions(dtype="fp32", kv_cache=kv_cache, last_logits_only=True)
+    return export_onnx(ref.weights(), work_dir / "onnx", options).model_path
