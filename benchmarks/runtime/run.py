@@ -165,17 +165,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="results directory (default: results/<machine> beside this script)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument(
+        "--cooldown",
+        type=float,
+        default=1.0,
+        help="idle seconds before each trial (default 1.0: as the issue benchmarks give onnxruntime-genai)",
+    )
     args = ap.parse_args()
     command = "python benchmarks/runtime/run.py " + " ".join(sys.argv[1:])
     out = args.out or HERE / "results" / (machine_tag() + ("-quick" if args.quick else ""))
     parts = args.only or ["tiny", "medium", "kv"]
     if args.quick:
         settings = BenchSettings(batches=(1, 2), prompts=(16, 64), new_tokens=8, warmup=1, repeats=args.repeats or 2,
-                                 threads=args.threads)  # fmt: skip
+                                 threads=args.threads, cooldown_s=min(args.cooldown, 0.05))  # fmt: skip
         kv_prompt, kv_new = 512, 8
     else:
         settings = BenchSettings(batches=(1, 4), prompts=(128, 512), new_tokens=64, warmup=1,
-                                 repeats=args.repeats or 5, threads=args.threads)  # fmt: skip
+                                 repeats=args.repeats or 5, threads=args.threads, cooldown_s=args.cooldown)  # fmt: skip
         kv_prompt, kv_new = 2048, 32
     start = time.perf_counter()
     if "tiny" in parts:
