@@ -198,8 +198,8 @@ DECODE_GRAPH_MAX_BYTES = 32 << 20
 # onnxruntime's pool threads keep spinning for a while after a run ends (through a tiny model's whole
 # decode). With a second session decoding, the first one's pool (idle after the prefill) kept a core busy
 # through the decode steps: three busy threads on two cores, and a decode step now and then waited a
-# scheduler tick (4 ms) for a core. Measured on the tiny preset, 64 new tokens, one process per run (docs/kv_cache.md):
-# the mean decode step 0.21-0.25 ms with the first session stopping, against 0.31-0.40 ms spinning.
+# scheduler tick (4 ms) for a core. Measured on the tiny preset, 64 new tokens, one process per run
+# (docs/kv_cache.md): the mean decode step 0.21-0.25 ms with the first session stopping, 0.31-0.40 spinning.
 SPIN_STOP_KEY = "session.force_spinning_stop"
 
 
