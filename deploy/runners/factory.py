@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from deploy.runners.base import InplaceRunner, Runner
 from export import io_contract as io
 from export.config import Gemma2Config
 from export.errors import G2trtError
 from export.manifest import manifest_config, read_manifest
-from export.weights import WeightSource, open_weights
+
+if TYPE_CHECKING:  # export.weights imports torch: an onnxruntime-only process never needs it
+    from export.weights import WeightSource
 
 BACKENDS = ("torch", "ort", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -36,6 +38,8 @@ class ModelRef:
     seed: int = 0
 
     def weights(self) -> WeightSource:
+        from export.weights import open_weights
+
         if self.kind not in ("preset", "checkpoint"):
             raise ModelError(f"{self.path}: the torch backend needs a checkpoint directory (or no MODEL)")
         return open_weights(self.path, self.preset, self.seed)
@@ -64,6 +68,8 @@ def resolve_model(model: str | Path | None, preset: str = "tiny", seed: int = 0)
         raise ModelError(f"{path}: not found")
     if path.is_dir():
         if (path / "config.json").is_file():
+            from export.weights import open_weights
+
             return ModelRef("checkpoint", path, open_weights(path).config, preset, seed)
         if (path / "model.onnx").is_file():
             path = path / "model.onnx"
