@@ -273,8 +273,8 @@ FLOOR = "floor: weight products only,"
 
 def peak_rss(args: argparse.Namespace, cfg: Gemma2Config, built: dict[str, Built]) -> dict[str, float]:
     """Peak RSS (MiB) of a fresh process that loads one model and runs one trial. Baselines, nothing loaded:
-    "baseline" (onnxruntime and genai imported) and "baseline g2trt runner" (also what g2trt's onnxruntime
-    runner imports: it checks for plugin nodes through trt_plugins, which imports torch)."""
+    "baseline" (onnxruntime and genai imported) and "baseline g2trt runner" (also g2trt's onnxruntime runner
+    module and the plugin spec its graph check reads; torch only where they still pull it in)."""
     out = {}
     for name, b in [("baseline", None), ("baseline g2trt runner", None), *built.items()]:
         spec = {**_child_spec(args, cfg, b), "runner_imports": name == "baseline g2trt runner"}
@@ -298,7 +298,8 @@ def rss_child(spec_json: str) -> None:
 
     spec = json.loads(spec_json)
     if spec.get("runner_imports"):
-        import trt_plugins  # noqa: F401
+        import deploy.runners.ort_runner  # noqa: F401
+        import trt_plugins.spec  # noqa: F401
     raw = spec["config"]
     cfg = Gemma2Config(**{**raw, "layer_types": tuple(raw["layer_types"]), "eos_token_id": tuple(raw["eos_token_id"])})
     if spec["kind"] is not None:
@@ -398,7 +399,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Peak RSS is of a fresh process that loads the one model and runs one trial; the same process with "
         f"nothing loaded peaks at {res['rss_baseline_mib']:.0f} MiB, and at "
         f"{res.get('rss_baseline_g2trt_runner_mib', float('nan')):.0f} MiB with what g2trt's onnxruntime runner "
-        f"imports (it checks for plugin nodes through `trt_plugins`, which imports torch). `{FLOOR} int4` is the "
+        f"imports. `{FLOOR} int4` is the "
         "model's int4 weight "
         "products alone (DequantizeLinear -> MatMul chained, fused to MatMulNBits, head on the last row): a floor "
         "for any graph of these weights in onnxruntime on this machine.",
