@@ -26,7 +26,6 @@ from typing import Any, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export.kv_cache import INVALID
 from graph_passes import primitives
 from graph_passes.graph import PassGraph
 from graph_passes.match import dtype_of
@@ -38,6 +37,14 @@ F32 = np.float32
 
 def _i64(g: PassGraph, hint: str, value: Any) -> gs.Constant:
     return g.constant(hint, np.array(value, I64))
+
+
+def _invalid(g: PassGraph) -> gs.Constant:
+    """The position the model gives a slot or key that holds nothing (export/kv_cache.py's INVALID), imported
+    here: that module registers a torch op, and what only reads or rewrites a graph must not load torch."""
+    from export.kv_cache import INVALID
+
+    return _i64(g, "invalid", INVALID)
 
 
 def _column(g: PassGraph, pos: gs.Tensor, index: int, like: gs.Node, shared: bool = True) -> gs.Tensor:
@@ -150,7 +157,7 @@ def bias(
     zero, one = _i64(g, "zero", 0), _i64(g, "one", 1)
     if form == "fresh":  # no row holds anything older than this step: its own keys are all there is
         keys = g.op("Where", [g.op("GreaterOrEqual", [pos, zero], like=like, dtype=np.bool_), pos,
-                              _i64(g, "invalid", INVALID)], like=like, dtype=I64)  # fmt: skip
+                              _invalid(g)], like=like, dtype=I64)  # fmt: skip
         return _position_mask(g, pos, keys, window, like, key if shared else None)
     c = primitives.dim(g, past, 2, like)
     if form == "circular" and slots is None:
@@ -167,7 +174,7 @@ def bias(
         if window:
             older = g.op("Less", [held, _column(g, pos, 0, like, shared)], like=like, dtype=np.bool_)
             valid = g.op("And", [valid, older], like=like, dtype=np.bool_)
-        invalid = _i64(g, "invalid", INVALID)
+        invalid = _invalid(g)
         keys = g.op("Where", [valid, held, invalid], like=like, dtype=I64)
         if window:  # then this step's own keys; padding (negative) is invalid
             real = g.op("GreaterOrEqual", [pos, zero], like=like, dtype=np.bool_)

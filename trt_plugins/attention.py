@@ -14,13 +14,12 @@ Shape and dtype rule: out has query's dtype; presents have key's. Scores and sof
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-from torch import Tensor
-
-from export.model import attention_bias, attention_core
 from trt_plugins.spec import Attr, PluginSpec
+
+if TYPE_CHECKING:  # the reference's imports are made where it runs: graph passes read only SPEC and ATTRS
+    from torch import Tensor
 
 T = TypeVar("T")
 
@@ -71,6 +70,10 @@ def reference(
     window: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     assert query.shape[1] == num_heads and key.shape[1] == kv_heads and query.shape[3] == head_dim
+    import torch
+
+    from export.model import attention_bias, attention_core
+
     k = torch.cat((past_key, key), dim=2)
     v = torch.cat((past_value, value), dim=2)
     seq, total = query.shape[2], k.shape[2]

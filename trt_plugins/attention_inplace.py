@@ -16,14 +16,13 @@ Shape and dtype rule: out has query's dtype and shape; presents have the past's 
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from torch import Tensor
-
-from export import kv_cache
-from export.model import grouped_attention
 from trt_plugins.attention import ATTRS
 from trt_plugins.spec import PluginSpec
+
+if TYPE_CHECKING:  # the reference's imports are made where it runs: graph passes read only SPEC
+    from torch import Tensor
 
 T = TypeVar("T")
 
@@ -63,6 +62,9 @@ def reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Writes `past_key`/`past_value` in place (eager) and returns them as the presents."""
     assert query.shape[1] == num_heads and key.shape[1] == kv_heads and query.shape[3] == head_dim
+    from export import kv_cache
+    from export.model import grouped_attention
+
     present_k = kv_cache.write(past_key, key, position_ids)
     present_v = kv_cache.write(past_value, value, position_ids)
     window = int(window)

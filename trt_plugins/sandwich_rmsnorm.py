@@ -11,12 +11,12 @@ residual overflows fp16); normed has residual's shape and x's dtype (it feeds th
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from torch import Tensor
-
-from export.model import rms_normalize
 from trt_plugins.spec import Attr, PluginSpec
+
+if TYPE_CHECKING:  # the reference's imports are made where it runs: graph passes read only SPEC
+    from torch import Tensor
 
 T = TypeVar("T")
 
@@ -41,6 +41,8 @@ def output_dtypes(x: T, residual: T, *_: T) -> list[T]:
 def reference(
     x: Tensor, residual: Tensor, post_scale: Tensor, pre_scale: Tensor, *, epsilon: float
 ) -> tuple[Tensor, Tensor]:
+    from export.model import rms_normalize
+
     h = residual.float() + rms_normalize(x, epsilon) * post_scale.float()
     normed = rms_normalize(h, epsilon) * pre_scale.float()
     return h.to(residual.dtype), normed.to(x.dtype)

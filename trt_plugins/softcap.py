@@ -5,12 +5,12 @@ Shape and dtype rule: y has x's shape and dtype; the math runs in fp32.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from torch import Tensor
-
-from export.model import softcap
 from trt_plugins.spec import Attr, PluginSpec
+
+if TYPE_CHECKING:  # the reference's imports are made where it runs: graph passes read only SPEC
+    from torch import Tensor
 
 T = TypeVar("T")
 
@@ -33,4 +33,6 @@ def output_dtypes(x: T) -> list[T]:
 
 
 def reference(x: Tensor, *, cap: float) -> Tensor:
+    from export.model import softcap
+
     return softcap(x.float(), cap).to(x.dtype)

@@ -120,21 +120,3 @@ def test_the_mode_is_set_without_torch_where_glibc_can(monkeypatch):
     with denormals.Flushed():
         assert denormals.flushing()
     assert not denormals.flushing() and denormals._setter is denormals._torch_setter
-
-
-def test_an_onnxruntime_generation_imports_no_torch(runtime_inplace_export, tmp_path):
-    """A process that only runs onnxruntime (a serving instance, `generate --backend ort`) never imports
-    torch: 185 MiB and about a second less per process on the medium model."""
-    import subprocess
-    import sys
-
-    script = (
-        "import sys\n"
-        "from deploy.runners.factory import open_runner, resolve_model\n"
-        "from deploy.generate.loop import generate, GenerationConfig\n"
-        f"runner = open_runner(resolve_model({str(runtime_inplace_export.model_path)!r}), 'ort')\n"
-        "generate(runner, [[5, 6, 7]], GenerationConfig(max_new_tokens=4))\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]

@@ -281,6 +281,27 @@ def test_generate_leaves_no_cache_behind(inplace_graphs, runtime_cfg, prompts) -
     assert len(held) == 3 and all(ref() is None for ref in held)
 
 
+@pytest.mark.parametrize("target", ["plain", "ort"])
+def test_an_onnxruntime_generation_imports_no_torch(target, inplace_graphs) -> None:
+    """A process that only runs onnxruntime (a serving instance, `generate --backend ort`) never imports
+    torch, the tiny `ort` graph's one-token session included: 185 MiB and about a second less per process
+    (docs/runtime.md)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from deploy.runners.factory import open_runner, resolve_model\n"
+        "from deploy.generate.loop import generate, GenerationConfig\n"
+        f"runner = open_runner(resolve_model({str(inplace_graphs(target))!r}), 'ort')\n"
+        f"assert (runner.decode_session is not None) == {target == 'ort'}\n"
+        "generate(runner, [[5, 6, 7]], GenerationConfig(max_new_tokens=4))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_one_token_graph_reads_a_hard_linked_weights_file(inplace_graphs, runtime_cfg, tmp_path: Path) -> None:
     """`g2trt pipeline` hard-links the export's weights into each target's folder; onnx's loader refuses
     such a file, so the one-token session takes its weights through onnxruntime, as the main one does."""
