@@ -61,11 +61,13 @@ class _OrtModel:
         session_options: ort.SessionOptions | None = None,
         flush_denormals: bool = True,
         spin_between_runs: bool = True,
+        manifest: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.flush_denormals = flush_denormals  # deploy/runners/denormals.py: why, and on which threads
-        self.manifest = _manifest(model_path)  # read once: its requirements, providers and runtime choices
+        # read once (or handed over by a subclass that read it first): requirements, providers, runtime choices
+        self.manifest = _manifest(model_path) if manifest is None else manifest
         self.session = open_session(
             model_path, self.manifest, threads, optimize, providers, session_options, flush_denormals,
             spin_between_runs,
@@ -128,8 +130,9 @@ class OrtInplaceRunner(_OrtModel):
         prefill_chunk: int | None = PREFILL_CHUNK,
         **options: Any,
     ) -> None:
-        one_token = _one_token_graph(Path(model_path), _manifest(model_path), decode_graph)
-        super().__init__(model_path, config, spin_between_runs=one_token is None, **options)
+        manifest = _manifest(model_path)
+        one_token = _one_token_graph(Path(model_path), manifest, decode_graph)
+        super().__init__(model_path, config, spin_between_runs=one_token is None, manifest=manifest, **options)
         self.prefill_chunk = prefill_chunk
         self.full_sliding = full_sliding
         if full_sliding_max == "manifest":
